@@ -1,0 +1,3 @@
+from smoe.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Load and save whole models.
+
+Loading builds the model on the meta device, then assigns each parameter straight from the
+memory-mapped file (converted to the target dtype, experts stacked), so peak memory is about
+one copy of the weights. Loading is strict: every parameter must come from the file with the
+shape the config implies, and every tensor in the file must be used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from smoe.checkpoint.files import CheckpointError, TensorSource, consolidated_weight_files, hf_weight_files
+from smoe.checkpoint.keymap import IGNORED_SUFFIXES, Recipe, consolidated_recipes, hf_recipes
+from smoe.config import ConfigError, ModelConfig
+from smoe.model.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def detect_format(directory: Path) -> str:
+    if (directory / "config.json").is_file():
+        return "hf"
+    if (directory / "params.json").is_file():
+        return "consolidated"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
+    raise CheckpointError(f"{directory}: neither config.json (Hugging Face) nor params.json (Mistral) found")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    directory = Path(path)
+    name = "config.json" if detect_format(directory) == "hf" else "params.json"
+    return ModelConfig.from_file(directory / name)
+
+
+def _materialise(
+    src: TensorSource, recipes: dict[str, Recipe], model: Transformer, dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    expected = dict(model.state_dict(keep_vars=True).items())
+    missing = [k for r in recipes.values() for k in r.keys if k not in src.keys()]
+    if missing:
+        raise CheckpointError(
+            f"{src.files[0].parent}: {len(missing)} missing key(s), first {missing[0]!r} "
+            f"(config says {model.config.n_layers} layers, {model.config.num_experts} experts)"
+        )
+    used = {k for r in recipes.values() for k in r.keys}
+    unexpected = sorted(k for k in src.keys() - used if not k.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise CheckpointError(f"{src.file_of(unexpected[0])}: unexpected key {unexpected[0]!r} (+{len(unexpected) - 1} more)")
+    out: dict[str, torch.Tensor] = {}
+    for name, recipe in tqdm(recipes.items(), desc="loading", unit="tensor", leave=False, disable=len(recipes) < 200):
+        want = tuple(expected[name].shape)
+        per_key = want[1:] if len(recipe.keys) > 1 else want
+        for k in recipe.keys:
+            if src.shape(k) != per_key:
+                raise CheckpointError(
+                    f"{src.file_of(k)}: tensor {k!r} has shape {src.shape(k)} but the config implies {per_key}"
+                )
+        parts = [src.get(k).to(device=device, dtype=dtype) for k in recipe.keys]
+        out[name] = recipe.to_smoe(parts).contiguous()
+        del parts
+    return out
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    dispatch: str | None = None,
+) -> Transformer:
+    """Load a Hugging Face (``config.json``) or Mistral consolidated (``params.json``) directory.
+
+    ``dtype=None`` keeps float32 unless the checkpoint says bfloat16/float16.
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    try:
+        cfg = load_config(directory)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if dispatch is not None:
+        cfg = cfg.replace(dispatch=dispatch)
+    if fmt == "hf":
+        files, recipes = hf_weight_files(directory), hf_recipes(cfg)
+    else:
+        files, recipes = consolidated_weight_files(directory), consolidated_recipes(cfg)
+    target = parse_dtype(dtype) or _checkpoint_dtype(directory, fmt)
+    src = TensorSource(files)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = _materialise(src, recipes, model, target, str(device))
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def _checkpoint_dtype(directory: Path, fmt: str) -> torch.dtype:
+    if fmt != "hf":
+        return torch.float32
+    d = json.loads((directory / "config.json").read_text())
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def save_model(
+    model: Transformer, path: str | Path, fmt: str = "hf", max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Write a Hugging Face directory (``fmt="hf"``, loadable by transformers) or a Mistral
+    consolidated one (``fmt="consolidated"``). HF checkpoints larger than ``max_shard_bytes``
+    are sharded with an index, as the hub does."""
+    cfg, directory = model.config, Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    recipes = hf_recipes(cfg) if fmt == "hf" else consolidated_recipes(cfg)
+    if fmt not in ("hf", "consolidated"):
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, recipe in recipes.items():
+        for key, t in zip(recipe.keys, recipe.from_smoe(state[name].detach())):
+            tensors[key] = t.contiguous().cpu()
+    dtype = next(iter(tensors.values())).dtype
+    if fmt == "consolidated":
+        _write_json(directory / "params.json", cfg.to_params())
+        save_file(tensors, str(directory / "consolidated.safetensors"))
+        return directory
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(directory / "config.json", hf)
+    _write_json(directory / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    weight_map, total = {}, 0
+    for i, shard in enumerate(tqdm(shards, desc="saving shards", leave=False)):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return directory
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

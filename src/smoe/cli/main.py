@@ -1,0 +1,40 @@
+"""``smoe <command>``: thin wrappers over the library.
+
+Each command lives in its own module under ``smoe.cli`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One module per command family; add a line here when a new one lands.
+COMMAND_MODULES = [
+    "smoe.cli.model_cmds",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoe", description="Sparse mixture-of-experts (Mixtral-family) toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # our errors say what and where
+        print(f"smoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

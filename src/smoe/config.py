@@ -1,0 +1,275 @@
+"""Model configuration: one dataclass, named presets, and conversion to and from the
+Hugging Face ``config.json`` (MixtralConfig / MistralConfig) and Mistral ``params.json`` formats.
+
+``num_experts == 1`` means a plain dense SwiGLU feed-forward, as in Mistral 7B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Dispatch engine names accepted in the config; "auto" picks by device and token count.
+DISPATCH_ENGINES = ("auto", "reference", "sorted", "gather", "triton")
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed model configuration."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+    max_seq_len: int = 32768
+    num_experts: int = 8
+    top_k: int = 2
+    tie_embeddings: bool = False
+    # Runtime choices that do not change the weights.
+    dispatch: str = "auto"
+    capacity_factor: float | None = None  # None = dropless
+    router_jitter: float = 0.0  # multiplicative noise on the router input while training
+
+    def __post_init__(self) -> None:
+        positive = ["dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"]
+        positive += ["max_seq_len", "num_experts", "top_k"]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.head_dim % 2:
+            raise ConfigError(f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"config field 'n_heads' ({self.n_heads}) must be divisible by 'n_kv_heads' ({self.n_kv_heads})"
+            )
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"config field 'top_k' ({self.top_k}) must not exceed 'num_experts' ({self.num_experts})"
+            )
+        for name in ("norm_eps", "rope_theta"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)!r}")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
+        ):
+            raise ConfigError(
+                f"config field 'sliding_window' must be None or a positive integer, got {self.sliding_window!r}"
+            )
+        if self.dispatch not in DISPATCH_ENGINES:
+            raise ConfigError(f"config field 'dispatch' must be one of {DISPATCH_ENGINES}, got {self.dispatch!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"config field 'capacity_factor' must be None or > 0, got {self.capacity_factor!r}")
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ConfigError(f"config field 'router_jitter' must be in [0, 1), got {self.router_jitter!r}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; ``active=True`` counts only the top_k experts a token uses."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        experts = self.top_k if active else self.num_experts
+        ffn = 3 * self.dim * self.hidden_dim * experts + (self.dim * self.num_experts if self.is_moe else 0)
+        per_layer = attn + ffn + 2 * self.dim
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + embed + self.dim
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type not in ("mixtral", "mistral"):
+            raise ConfigError(f"{source}: model_type must be 'mixtral' or 'mistral', got {model_type!r}")
+        try:
+            dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            rope = hf.get("rope_parameters") or {}
+            rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
+            if rope.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+            act = hf.get("hidden_act", "silu")
+            if act != "silu":
+                raise ConfigError(f"{source}: hidden_act must be 'silu', got {act!r}")
+            moe = model_type == "mixtral"
+            return cls(
+                dim=dim,
+                n_layers=int(hf["num_hidden_layers"]),
+                head_dim=int(hf.get("head_dim") or dim // n_heads),
+                hidden_dim=int(hf["intermediate_size"]),
+                n_heads=n_heads,
+                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                vocab_size=int(hf["vocab_size"]),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(rope_theta),
+                sliding_window=hf.get("sliding_window"),
+                max_seq_len=int(hf.get("max_position_embeddings", 32768)),
+                num_experts=int(hf["num_local_experts"]) if moe else 1,
+                top_k=int(hf["num_experts_per_tok"]) if moe else 1,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        hf: dict[str, Any] = {
+            "architectures": ["MixtralForCausalLM" if self.is_moe else "MistralForCausalLM"],
+            "model_type": "mixtral" if self.is_moe else "mistral",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "sliding_window": self.sliding_window,
+            "max_position_embeddings": self.max_seq_len,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "attention_dropout": 0.0,
+            "torch_dtype": "float32",
+        }
+        if self.is_moe:
+            hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.top_k)
+            hf.update(router_aux_loss_coef=0.02, output_router_logits=False, router_jitter_noise=0.0)
+        return hf
+
+    # ------------------------------------------------------------------ Mistral params.json
+    @classmethod
+    def from_params(cls, p: dict[str, Any], source: str = "params.json") -> ModelConfig:
+        try:
+            moe = p.get("moe") or {}
+            dim, n_heads = int(p["dim"]), int(p["n_heads"])
+            return cls(
+                dim=dim,
+                n_layers=int(p["n_layers"]),
+                head_dim=int(p.get("head_dim") or dim // n_heads),
+                hidden_dim=int(p["hidden_dim"]),
+                n_heads=n_heads,
+                n_kv_heads=int(p.get("n_kv_heads") or n_heads),
+                vocab_size=int(p["vocab_size"]),
+                norm_eps=float(p.get("norm_eps", 1e-5)),
+                rope_theta=float(p.get("rope_theta", 1e4)),
+                sliding_window=p.get("sliding_window"),
+                max_seq_len=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
+                num_experts=int(moe.get("num_experts", 1)),
+                top_k=int(moe.get("num_experts_per_tok", 1)),
+                tie_embeddings=bool(p.get("tied_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+
+    def to_params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "max_seq_len": self.max_seq_len,
+        }
+        if self.sliding_window is not None:
+            p["sliding_window"] = self.sliding_window
+        if self.is_moe:
+            p["moe"] = {"num_experts": self.num_experts, "num_experts_per_tok": self.top_k}
+        if self.tie_embeddings:
+            p["tied_embeddings"] = True
+        return p
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` (HF), ``params.json`` (Mistral) or a smoe config JSON."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        if "model_type" in d:
+            return cls.from_hf(d, str(path))
+        if "num_experts" in d or "top_k" in d:  # smoe's own to_dict() layout
+            try:
+                return cls.from_dict(d)
+            except TypeError as e:
+                raise ConfigError(f"{path}: {e}") from None
+        return cls.from_params(d, str(path))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Mixtral paper, Table 1.
+    "mixtral-8x7b": dict(
+        dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+        vocab_size=32000, norm_eps=1e-5, rope_theta=1e6, sliding_window=None, max_seq_len=32768,
+        num_experts=8, top_k=2,
+    ),
+    # Mixtral-8x22B-v0.1 release config (vocabulary v3 of 32768 tokens, 64k context).
+    "mixtral-8x22b": dict(
+        dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+        vocab_size=32768, norm_eps=1e-5, rope_theta=1e6, sliding_window=None, max_seq_len=65536,
+        num_experts=8, top_k=2,
+    ),
+    # Mistral-7B-v0.1: dense, sliding window 4096.
+    "mistral-7b": dict(
+        dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+        vocab_size=32000, norm_eps=1e-5, rope_theta=1e4, sliding_window=4096, max_seq_len=32768,
+        num_experts=1, top_k=1,
+    ),
+    # CPU-sized presets on the real 32000-token vocabulary.
+    "tiny": dict(
+        dim=128, n_layers=4, head_dim=32, hidden_dim=352, n_heads=4, n_kv_heads=2,
+        vocab_size=32000, rope_theta=1e4, max_seq_len=1024, num_experts=8, top_k=2,
+    ),
+    "small": dict(
+        dim=256, n_layers=4, head_dim=64, hidden_dim=704, n_heads=4, n_kv_heads=2,
+        vocab_size=32000, rope_theta=1e4, max_seq_len=2048, num_experts=8, top_k=2,
+    ),
+    "tiny-dense": dict(
+        dim=128, n_layers=4, head_dim=32, hidden_dim=352, n_heads=4, n_kv_heads=2,
+        vocab_size=32000, rope_theta=1e4, max_seq_len=1024, num_experts=1, top_k=1,
+    ),
+}  # fmt: skip

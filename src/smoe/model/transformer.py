@@ -1,0 +1,113 @@
+"""The Mixtral / Mistral decoder: embedding, N pre-norm blocks, final norm, output head.
+
+Legend: B batch, T tokens, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from smoe.config import ModelConfig
+from smoe.model.layers import Attention, KVCache, RMSNorm, causal_mask, rope_cos_sin
+from smoe.model.moe import FeedForward, MoE, RouterOutput
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward: MoE | FeedForward = MoE(cfg) if cfg.is_moe else FeedForward(cfg)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        pos_BT: torch.Tensor,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin, mask, pos_BT, cache)
+        ff_BTD, routing = self.feed_forward(self.ffn_norm(h_BTD))
+        return h_BTD + ff_BTD, routing
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        pos_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_router: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[RouterOutput]]:
+        """Logits (B, T, V); with ``return_router=True`` also each MoE layer's routing.
+
+        ``pos_BT`` defaults to 0..T-1 for every row. With a ``cache`` the keys/values of
+        earlier calls are attended to as well, and the cache supplies the mask.
+        """
+        B, T = tokens_BT.shape
+        cfg = self.config
+        if pos_BT is None:
+            pos_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        x_BTD = self.tok_embeddings(tokens_BT)
+        cos, sin = rope_cos_sin(pos_BT, cfg.head_dim, cfg.rope_theta, x_BTD.dtype)
+        if cache is not None:
+            mask = cache.mask(pos_BT)
+        elif cfg.sliding_window is not None and cfg.sliding_window < T:
+            mask = causal_mask(pos_BT, pos_BT, cfg.sliding_window)
+        else:
+            mask = None  # plain causal: lets SDPA pick its fastest kernel
+        routings: list[RouterOutput] = []
+        for layer in self.layers:
+            x_BTD, routing = layer(x_BTD, cos, sin, mask, pos_BT, cache)
+            if return_router and routing is not None:
+                routings.append(routing)
+        logits_BTV = self.output(self.norm(x_BTD))
+        return (logits_BTV, routings) if return_router else logits_BTV
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int | None = None, std: float = 0.02) -> Transformer:
+    """Initialise for training: normal(0, std) weights, output projections scaled by
+    1/sqrt(2 * n_layers) (GPT-2 style), norms at 1. A separate step from construction so that
+    loading a checkpoint never pays for (or silently keeps) a random init."""
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        gen.manual_seed(seed)
+    out_std = std / math.sqrt(2 * model.config.n_layers)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.fill_(1.0)
+            continue
+        s = out_std if name.endswith(("wo.weight", "w2.weight", ".w2")) else std
+        p.copy_(torch.randn(p.shape, generator=gen) * s)
+    return model
+
+
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Transformer:
+    """A freshly initialised model for training or tests (built on meta, then materialised)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    init_weights(model, seed=seed)
+    return model.to(dtype)

@@ -1,0 +1,59 @@
+"""Logits equal transformers' Mixtral / Mistral on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smoe
+
+CASES = {
+    "mixtral-8e-top2": dict(num_local_experts=8, num_experts_per_tok=2),
+    "4e-top1": dict(num_local_experts=4, num_experts_per_tok=1),
+    "4e-top3-mha": dict(num_local_experts=4, num_experts_per_tok=3, num_key_value_heads=4),
+    "8e-top2-gqa4": dict(num_local_experts=8, num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2),
+    "window-shorter-than-seq": dict(sliding_window=7),
+    "head-dim-not-dim/heads": dict(head_dim=16, num_attention_heads=4, num_key_value_heads=1),
+    "mistral-dense": dict(num_local_experts=1, sliding_window=5),
+    "mistral-dense-mqa": dict(num_local_experts=1, num_key_value_heads=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(make_hf, case):
+    directory, ref = make_hf(**CASES[case])
+    ours = smoe.load_model(directory)
+    tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = ours(tokens)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_router_matches_transformers(make_hf):
+    directory, ref = make_hf(num_local_experts=8, num_experts_per_tok=2)
+    ours = smoe.load_model(directory)
+    tokens = torch.randint(0, 97, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_out = ref(tokens, output_router_logits=True)
+        logits, routing = ours(tokens, return_router=True)
+    assert len(routing) == 2
+    for layer, r in enumerate(routing):
+        ref_logits = ref_out.router_logits[layer]
+        torch.testing.assert_close(r.logits_TE, ref_logits.float(), atol=1e-5, rtol=0)
+        # transformers: softmax over all, top-k, renormalise. Ours: top-k logits, softmax.
+        probs = torch.softmax(ref_logits.float(), dim=-1)
+        top_p, top_i = probs.topk(2, dim=-1)
+        assert torch.equal(r.expert_ids_TK, top_i)
+        torch.testing.assert_close(r.weights_TK, top_p / top_p.sum(-1, keepdim=True))
+    assert routing[0].tokens_per_expert().sum().item() == 23 * 2
+
+
+def test_tied_embeddings(make_hf):
+    directory, ref = make_hf(tie_word_embeddings=True)
+    ours = smoe.load_model(directory)
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
+    assert ours.output.weight is ours.tok_embeddings.weight
