@@ -1,0 +1,211 @@
+"""``run_analysis``: record a model's routing over named domains, then write routing.json,
+the plots and report.html. This is the Python API behind ``smoe analyze`` (and ``smoe demo``).
+
+Legend: N tokens, L analysed layers, K experts chosen per token, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from smoe.analysis.record import RecordWriter, load_records, moe_layer_indices, route_documents
+from smoe.analysis.stats import DomainStats, TokenExpertCounts, chance_any, chance_first, merge, router_entropy
+
+Document = str | list[int] | np.ndarray
+
+
+def detail_layers(layers: list[int]) -> list[int]:
+    """First, middle and last of the analysed layers (fewer if there are fewer layers)."""
+    return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+
+
+def _token_ids(doc: Document, tokenizer: Any, domain: str) -> np.ndarray:
+    if isinstance(doc, str):
+        if tokenizer is None:
+            raise ValueError(f"domain {domain!r}: documents are texts but no tokenizer was given")
+        return np.asarray(tokenizer.encode(doc, bos=True, eos=False), dtype=np.int64)
+    return np.asarray(doc, dtype=np.int64)
+
+
+def _capped(docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict) -> Iterator[np.ndarray]:
+    """Token arrays for a domain, stopping once ``cap`` tokens were given (the last document cut)."""
+    used = 0
+    for doc in docs:
+        toks = _token_ids(doc, tokenizer, domain)
+        info["available_tokens"] += len(toks)  # of the documents reached; see "capped"
+        if cap is not None and used + len(toks) > cap:
+            info["capped"] = True
+            toks = toks[: cap - used]
+        used += len(toks)
+        if len(toks):
+            yield toks
+        if cap is not None and used >= cap:
+            info["capped"] = info["capped"] or used < info["available_tokens"]
+            return
+
+
+def run_analysis(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    domains: Mapping[str, Iterable[Document]],
+    out_dir: str | Path,
+    layers: list[int] | None = None,
+    max_tokens: int | None = None,
+    seq_len: int | None = None,
+    overlap: int = 0,
+    batch_size: int = 8,
+    record_probs: bool = False,
+    keep_records: bool = True,
+    model_name: str = "model",
+    corpus_name: str = "corpus",
+    view_layer: int | None = None,
+    view_docs: int = 2,
+    view_tokens: int = 160,
+    top_n: int = 12,
+    min_count: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Record the routing of ``model`` over ``domains`` and write the report to ``out_dir``.
+
+    domains: name -> documents; each document is a text (encoded with BOS) or a sequence of
+        token ids (used as given). Any iterable works (e.g. ``Corpus.documents(d, "val")``), and
+        documents are consumed lazily, so memory stays bounded.
+    layers: indices into ``model.layers`` (default: every MoE layer).
+    max_tokens: cap on the total number of tokens, split evenly over the domains; the last
+        document reached is cut there and routing.json / the report say so.
+    seq_len, overlap: window length (default: model.config.max_seq_len) and context overlap for
+        long documents; see ``smoe.analysis.record``.
+    keep_records: keep the per-token records in ``out_dir/records/<domain>/`` (else deleted).
+
+    Writes ``routing.json`` (schema in docs/routing.md), ``*.png`` and ``report.html``; returns
+    the routing.json content plus ``"paths"``.
+    """
+    cfg = model.config
+    E, K = cfg.num_experts, cfg.top_k
+    if not cfg.is_moe:
+        raise ValueError(f"{model_name}: a dense model (num_experts == 1) has no routing to analyse")
+    moe = moe_layer_indices(model)
+    layers = list(moe if layers is None else layers)
+    bad = [i for i in layers if i not in moe]
+    if not layers or bad:
+        raise ValueError(f"layers {layers} must be a non-empty subset of the MoE layers {moe}")
+    if not domains:
+        raise ValueError("no domains to analyse")
+    seq_len = int(seq_len or cfg.max_seq_len)
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model context {cfg.max_seq_len}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cap = None if max_tokens is None else max(1, max_tokens // len(domains))
+    details = detail_layers(layers)
+    view_layer = details[-1] if view_layer is None else view_layer
+    if view_layer not in layers:
+        raise ValueError(f"view_layer {view_layer} is not among the analysed layers {layers}")
+    vocab = TokenExpertCounts(details, cfg.vocab_size, E)
+    detail_pos = [layers.index(i) for i in details]
+
+    was_training = model.training
+    model.eval()
+    stats: dict[str, DomainStats] = {}
+    info: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=max_tokens, unit="tok", desc="routing", disable=not progress)
+    try:
+        for name, docs in domains.items():
+            bar.set_postfix_str(name)
+            info[name] = {"available_tokens": 0, "capped": False}
+            s = stats[name] = DomainStats(len(layers), E, K)
+            writer = RecordWriter(out / "records" / name, layers, K, E, probs=record_probs)
+            chunks = route_documents(
+                model, _capped(docs, tokenizer, name, cap, info[name]), layers, seq_len, batch_size, overlap
+            )
+            for ch in chunks:
+                N, L, E_ = ch.logits_NLE.shape
+                entropy_NL = router_entropy(ch.logits_NLE.reshape(N * L, E_)).reshape(N, L)
+                s.update(ch.doc_ids_N, ch.expert_ids_NLK, entropy_NL)
+                vocab.update(ch.token_ids_N, ch.expert_ids_NLK[:, detail_pos, 0])
+                writer.append(ch)
+                bar.update(N)
+            writer.close()
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    summary = _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model_name, corpus_name)
+    summary["seconds"] = round(seconds, 3)
+    (out / "routing.json").write_text(json.dumps(summary, indent=1))
+
+    from smoe.analysis.plots import write_plots
+    from smoe.analysis.report import token_view_docs, write_report
+
+    plots = write_plots(stats, layers, details, E, K, out)
+    views = token_view_docs(out / "records", list(stats), layers, details, view_docs, view_tokens)
+    report = write_report(
+        out / "report.html", summary, stats, layers, details, view_layer, plots, views, vocab, tokenizer, top_n, min_count
+    )
+    if not keep_records:
+        shutil.rmtree(out / "records")
+    summary["paths"] = {
+        "report": str(report),
+        "routing_json": str(out / "routing.json"),
+        "plots": [str(p) for p in plots.values()],
+        "records": str(out / "records") if keep_records else None,
+    }
+    return summary
+
+
+def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model_name, corpus_name) -> dict:
+    key = lambda a: {str(layer): v for layer, v in zip(layers, a.tolist())}  # noqa: E731
+    out: dict[str, Any] = {
+        "model": model_name,
+        "corpus": corpus_name,
+        "num_experts": E,
+        "top_k": K,
+        "layers": layers,
+        "chance": {"first": chance_first(E, K), "any": chance_any(E, K)},
+        "max_tokens": max_tokens,
+        "max_tokens_per_domain": cap,
+        "seq_len": seq_len,
+        "overlap": overlap,
+        "domains": {},
+    }
+    for name, s in stats.items():
+        out["domains"][name] = {
+            "tokens": s.tokens,
+            "documents": s.documents,
+            "pairs": s.pairs,
+            "capped": info[name]["capped"],
+            "expert_share": key(s.expert_share()),
+            "first_choice_share": key(s.first_choice_share()),
+            "repeat_first": key(s.repeat_first()),
+            "repeat_any": key(s.repeat_any()),
+            "tokens_per_expert": key(s.share_LE),
+            "imbalance": key(s.imbalance()),
+            "router_entropy": key(s.mean_entropy()),
+            "coselection": key(s.cosel_LEE),
+        }
+    if stats:
+        all_ = merge(list(stats.values()))
+        out["all"] = {
+            "tokens": all_.tokens,
+            "tokens_per_expert": key(all_.share_LE),
+            "imbalance": key(all_.imbalance()),
+            "router_entropy": key(all_.mean_entropy()),
+            "coselection": key(all_.cosel_LEE),
+        }
+    return out
+
+
+def load_domain_records(out_dir: str | Path, domain: str) -> dict:
+    """The per-token records ``run_analysis`` kept for ``domain`` (memory-mapped)."""
+    return load_records(Path(out_dir) / "records" / domain)
