@@ -51,7 +51,15 @@ class TrainConfig:
     keep_last: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches", "keep_last"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "log_every",
+            "eval_batches",
+            "keep_last",
+        ):
             _check_int(self, name, minimum=1)
         for name in ("seed", "warmup_steps", "eval_every", "ckpt_every"):
             _check_int(self, name, minimum=0)
@@ -63,7 +71,9 @@ class TrainConfig:
                 raise ValueError(f"train config field {name!r} must be >= 0, got {getattr(self, name)!r}")
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"train config field {name!r} must be in [0, 1], got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"train config field {name!r} must be in [0, 1], got {getattr(self, name)!r}"
+                )
         if self.dtype not in DTYPES:
             raise ValueError(f"train config field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
 
@@ -115,4 +125,6 @@ def load_run_file(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
 
 
 def write_run_file(path: str | Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-    Path(path).write_text(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2) + "\n")
+    Path(path).write_text(
+        json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2) + "\n"
+    )

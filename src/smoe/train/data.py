@@ -1,0 +1,96 @@
+"""Training and validation batches from a token corpus (``smoe.data.shards``).
+
+Legend: B sequences per batch, T tokens per sequence.
+
+Training windows of T + 1 tokens are drawn uniformly over every train token of every domain
+(so domains are mixed in proportion to their size); documents are packed, BOS/EOS inside a
+window separate them. The window offsets of micro-batch m of optimizer step s come from a
+generator seeded with (seed, s, m): the data-loader position is just the step number, so a
+resumed run sees exactly the batches the uninterrupted run would have.
+
+Validation uses fixed, non-overlapping windows from the start of each domain's val split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smoe.data.shards import Corpus, CorpusError
+
+
+@dataclass
+class Batch:
+    inputs_BT: torch.Tensor  # int64 token ids
+    targets_BT: torch.Tensor  # inputs shifted by one
+    mask_BT: torch.Tensor | None = None  # 1 = real token; None = no padding
+
+    def to(self, device: str | torch.device) -> Batch:
+        mask = None if self.mask_BT is None else self.mask_BT.to(device, non_blocking=True)
+        return Batch(
+            self.inputs_BT.to(device, non_blocking=True), self.targets_BT.to(device, non_blocking=True), mask
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs_BT.numel() if self.mask_BT is None else self.mask_BT.sum())
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> Batch:
+    rows = np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(rows)
+    return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+
+
+class TrainSampler:
+    def __init__(self, corpus: Corpus | str | Path, seq_len: int, batch_size: int, seed: int):
+        self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+        self.T, self.B, self.seed = seq_len, batch_size, seed
+        self.domains = self.corpus.domains
+        # Load the (small) train shards once; windows never cross a domain boundary.
+        self.tokens = [np.asarray(self.corpus.tokens(d, "train")) for d in self.domains]
+        starts = np.array([max(0, len(t) - seq_len) for t in self.tokens], dtype=np.int64)
+        short = [d for d, t in zip(self.domains, self.tokens) if len(t) < seq_len + 1]
+        if short:
+            sizes = {d: len(t) for d, t in zip(self.domains, self.tokens) if d in short}
+            raise CorpusError(
+                f"{self.corpus.path}: train split of domain(s) {sizes} has fewer than seq_len + 1 = "
+                f"{seq_len + 1} tokens; lower --seq-len or build a larger corpus"
+            )
+        self.cum_starts = np.concatenate([[0], np.cumsum(starts)])
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        rng = np.random.default_rng([self.seed, step, micro])
+        flat = rng.integers(0, self.cum_starts[-1], size=self.B)
+        domain = np.searchsorted(self.cum_starts, flat, side="right") - 1
+        starts = flat - self.cum_starts[domain]
+        rows = [
+            np.asarray(self.tokens[d][s : s + self.T + 1], dtype=np.int64) for d, s in zip(domain, starts)
+        ]
+        t = torch.from_numpy(np.stack(rows))
+        return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+
+    def state_dict(self) -> dict:
+        # Stateless beyond the seed: the position is the step number the loop passes in.
+        return {"seed": self.seed, "seq_len": self.T, "batch_size": self.B, "domains": self.domains}
+
+    def check_state(self, state: dict, source: str) -> None:
+        mine = self.state_dict()
+        if state != mine:
+            raise ValueError(f"{source}: the checkpoint's data loader {state} differs from this run's {mine}")
+
+
+def val_batches(corpus: Corpus, domain: str, seq_len: int, batch_size: int, n_batches: int) -> list[Batch]:
+    """Up to ``n_batches`` fixed batches of non-overlapping windows from the domain's val split."""
+    tokens = corpus.tokens(domain, "val")
+    n_windows = min(n_batches * batch_size, (len(tokens) - 1) // seq_len)
+    if n_windows < 1:
+        raise CorpusError(
+            f"{corpus.path}: val split of domain {domain!r} has {len(tokens)} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}; lower --seq-len or build a larger corpus"
+        )
+    starts = np.arange(n_windows) * seq_len
+    return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]

@@ -1,0 +1,135 @@
+"""One training step, kept free of data loading and bookkeeping so that parallel wrappers
+(DDP, FSDP, expert parallel) can be applied to the model from outside and reuse it.
+
+Legend: B batch, T tokens per sequence, V vocabulary, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.model.transformer import Transformer
+from smoe.train.config import TrainConfig
+from smoe.train.data import Batch
+from smoe.train.losses import load_balancing_loss, router_z_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the optimizer step was skipped."""
+
+
+def unwrap(model: nn.Module) -> Transformer:
+    """The smoe Transformer inside a DDP-style wrapper (``.module``) or the model itself."""
+    return getattr(model, "module", model)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for matmuls when ``cfg.dtype == "bf16"``; weights stay float32 (master copy)."""
+    if cfg.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # what backward sees: ce + aux_coef * balance + z_coef * z
+    ce: torch.Tensor
+    balance: torch.Tensor
+    z: torch.Tensor
+    tokens_per_expert_LE: torch.Tensor | None  # (L, E) assignment counts, unmasked tokens only
+
+
+def forward_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> LossParts:
+    """Cross-entropy plus the router losses for one (micro-)batch; padding (mask 0) excluded."""
+    inner = unwrap(model)
+    with autocast(cfg, batch.inputs_BT.device):
+        logits_BTV, routings = model(batch.inputs_BT, return_router=True)
+    targets = batch.targets_BT.reshape(-1)
+    if batch.mask_BT is not None:
+        targets = targets.masked_fill(batch.mask_BT.reshape(-1) == 0, -100)
+    ce = F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets, ignore_index=-100)
+    zero = ce.new_zeros(())
+    if not routings:  # dense model
+        return LossParts(ce, ce, zero, zero, None)
+    logits = [r.logits_TE for r in routings]
+    balance = load_balancing_loss(logits, inner.config.top_k, batch.mask_BT, per_layer=cfg.aux_loss_per_layer)
+    z = router_z_loss(logits, batch.mask_BT)
+    total = ce + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+    with torch.no_grad():
+        E = inner.config.num_experts
+        if batch.mask_BT is None:
+            counts = [torch.bincount(r.expert_ids_TK.reshape(-1), minlength=E) for r in routings]
+        else:
+            w_TK = batch.mask_BT.reshape(-1, 1).expand_as(routings[0].expert_ids_TK).reshape(-1).long()
+            counts = [torch.bincount(r.expert_ids_TK.reshape(-1), w_TK, minlength=E) for r in routings]
+    return LossParts(total, ce.detach(), balance.detach(), z.detach(), torch.stack(counts).float())
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[Batch],
+    cfg: TrainConfig,
+) -> dict[str, float | list[float]]:
+    """Forward/backward over the micro-batches (gradient accumulation), clip, step.
+
+    Raises NonFiniteLossError *before* the optimizer step if the loss or the gradient norm is
+    NaN/inf, so the weights (and any checkpoint written later) are never poisoned. A wrapper
+    with ``no_sync`` (DDP) only all-reduces on the last micro-batch.
+    """
+    model.train()
+    n = len(micro_batches)
+    ce = balance = z = 0.0
+    counts_LE = None
+    for i, mb in enumerate(micro_batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            parts = forward_loss(model, mb, cfg)
+            (parts.total / n).backward()
+        ce, balance, z = ce + parts.ce / n, balance + parts.balance / n, z + parts.z / n
+        if parts.tokens_per_expert_LE is not None:
+            counts_LE = (
+                parts.tokens_per_expert_LE if counts_LE is None else counts_LE + parts.tokens_per_expert_LE
+            )
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    values = torch.stack([ce, balance, z, grad_norm.float()]).tolist()  # one host sync per step
+    if not all(math.isfinite(v) for v in values):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"non-finite training values: loss={values[0]}, balance={values[1]}, z={values[2]}, grad_norm={values[3]}"
+        )
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out: dict[str, float | list[float]] = {"loss": values[0], "lr": lr, "grad_norm": values[3]}
+    if counts_LE is not None:
+        imbalance_L = counts_LE.max(dim=1).values / counts_LE.mean(dim=1)
+        out.update(balance_loss=values[1], z_loss=values[2], imbalance=imbalance_L.tolist())
+    return out
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batches: list[Batch], cfg: TrainConfig) -> float:
+    """Mean cross-entropy (nats/token) over fixed validation batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        with autocast(cfg, b.inputs_BT.device):
+            logits_BTV = model(b.inputs_BT)
+        ce = F.cross_entropy(
+            logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), b.targets_BT.reshape(-1), reduction="sum"
+        )
+        total, count = total + ce.item(), count + b.targets_BT.numel()
+    model.train(was_training)
+    return total / count
