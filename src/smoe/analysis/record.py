@@ -44,7 +44,9 @@ import torch
 def windows(n: int, seq_len: int, overlap: int = 0) -> list[tuple[int, int, int]]:
     """(run_start, record_start, end) for each window of an n-token document."""
     if seq_len <= 0 or not 0 <= overlap < seq_len:
-        raise ValueError(f"need seq_len > 0 and 0 <= overlap < seq_len, got seq_len={seq_len}, overlap={overlap}")
+        raise ValueError(
+            f"need seq_len > 0 and 0 <= overlap < seq_len, got seq_len={seq_len}, overlap={overlap}"
+        )
     stride, out, s = seq_len - overlap, [], 0
     while s < n:
         out.append((max(0, s - overlap) if s else 0, s, min(n, s + (stride if s else seq_len))))
@@ -105,9 +107,15 @@ def _run_batch(model, pending, pick, device) -> Chunk:
     for r, (_, t, _) in enumerate(pending):
         tokens_BT[r, : len(t)] = t
     _, routings = model(torch.from_numpy(tokens_BT).to(device), return_router=True)
-    ids_BTLK = torch.stack([routings[i].expert_ids_TK for i in pick], 1).view(B, T, len(pick), -1).cpu().numpy()
-    w_BTLK = torch.stack([routings[i].weights_TK for i in pick], 1).view(B, T, len(pick), -1).float().cpu().numpy()
-    lg_BTLE = torch.stack([routings[i].logits_TE for i in pick], 1).view(B, T, len(pick), -1).float().cpu().numpy()
+    ids_BTLK = (
+        torch.stack([routings[i].expert_ids_TK for i in pick], 1).view(B, T, len(pick), -1).cpu().numpy()
+    )
+    w_BTLK = (
+        torch.stack([routings[i].weights_TK for i in pick], 1).view(B, T, len(pick), -1).float().cpu().numpy()
+    )
+    lg_BTLE = (
+        torch.stack([routings[i].logits_TE for i in pick], 1).view(B, T, len(pick), -1).float().cpu().numpy()
+    )
     keep = [(r, skip, len(t)) for r, (_, t, skip) in enumerate(pending)]
     sel = lambda a: np.concatenate([a[r, s:e] for r, s, e in keep])  # noqa: E731
     return Chunk(
@@ -122,10 +130,18 @@ def _run_batch(model, pending, pick, device) -> Chunk:
 class RecordWriter:
     """Appends chunks of one domain to flat binary files (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, layers: list[int], top_k: int, num_experts: int, probs: bool = False):
+    def __init__(
+        self, directory: str | Path, layers: list[int], top_k: int, num_experts: int, probs: bool = False
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.meta = {"tokens": 0, "layers": list(layers), "top_k": top_k, "num_experts": num_experts, "probs": probs}
+        self.meta = {
+            "tokens": 0,
+            "layers": list(layers),
+            "top_k": top_k,
+            "num_experts": num_experts,
+            "probs": probs,
+        }
         self.id_dtype = np.uint8 if num_experts <= 256 else np.uint16
         self.meta["expert_id_dtype"] = np.dtype(self.id_dtype).name
         names = ["token_ids", "doc_ids", "expert_ids", "weights"] + (["probs"] if probs else [])
@@ -154,7 +170,9 @@ def load_records(directory: str | Path) -> dict[str, np.ndarray | dict]:
     d = Path(directory)
     meta_file = d / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{d}: no meta.json (not a routing record folder, or recording did not finish)")
+        raise FileNotFoundError(
+            f"{d}: no meta.json (not a routing record folder, or recording did not finish)"
+        )
     meta = json.loads(meta_file.read_text())
     N, L, K, E = meta["tokens"], len(meta["layers"]), meta["top_k"], meta["num_experts"]
     shapes = {
@@ -171,6 +189,8 @@ def load_records(directory: str | Path) -> dict[str, np.ndarray | dict]:
         expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not f.is_file() or f.stat().st_size != expected:
             size = f.stat().st_size if f.is_file() else "missing"
-            raise ValueError(f"{f}: expected {expected} bytes for {shape} {np.dtype(dtype).name}, found {size}")
+            raise ValueError(
+                f"{f}: expected {expected} bytes for {shape} {np.dtype(dtype).name}, found {size}"
+            )
         out[name] = np.memmap(f, dtype=dtype, mode="r", shape=shape) if N else np.zeros(shape, dtype)
     return out

@@ -18,7 +18,14 @@ import torch
 from tqdm import tqdm
 
 from smoe.analysis.record import RecordWriter, load_records, moe_layer_indices, route_documents
-from smoe.analysis.stats import DomainStats, TokenExpertCounts, chance_any, chance_first, merge, router_entropy
+from smoe.analysis.stats import (
+    DomainStats,
+    TokenExpertCounts,
+    chance_any,
+    chance_first,
+    merge,
+    router_entropy,
+)
 
 Document = str | list[int] | np.ndarray
 
@@ -36,21 +43,23 @@ def _token_ids(doc: Document, tokenizer: Any, domain: str) -> np.ndarray:
     return np.asarray(doc, dtype=np.int64)
 
 
-def _capped(docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict) -> Iterator[np.ndarray]:
-    """Token arrays for a domain, stopping once ``cap`` tokens were given (the last document cut)."""
+def _capped(
+    docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict
+) -> Iterator[np.ndarray]:
+    """Non-empty token arrays for a domain; once ``cap`` tokens are reached the document there is
+    cut, the rest skipped, and ``info["capped"]`` set (only if something was actually left out)."""
     used = 0
     for doc in docs:
         toks = _token_ids(doc, tokenizer, domain)
-        info["available_tokens"] += len(toks)  # of the documents reached; see "capped"
         if cap is not None and used + len(toks) > cap:
             info["capped"] = True
             toks = toks[: cap - used]
+            if len(toks):
+                yield toks
+            return
         used += len(toks)
         if len(toks):
             yield toks
-        if cap is not None and used >= cap:
-            info["capped"] = info["capped"] or used < info["available_tokens"]
-            return
 
 
 def run_analysis(
@@ -67,12 +76,13 @@ def run_analysis(
     keep_records: bool = True,
     model_name: str = "model",
     corpus_name: str = "corpus",
-    view_layer: int | None = None,
+    view_layers: list[int] | None = None,
     view_docs: int = 2,
     view_tokens: int = 160,
     top_n: int = 12,
     min_count: int = 5,
     progress: bool = True,
+    expected_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Record the routing of ``model`` over ``domains`` and write the report to ``out_dir``.
 
@@ -85,6 +95,9 @@ def run_analysis(
     seq_len, overlap: window length (default: model.config.max_seq_len) and context overlap for
         long documents; see ``smoe.analysis.record``.
     keep_records: keep the per-token records in ``out_dir/records/<domain>/`` (else deleted).
+    view_layers: layers shown side by side in the token view (default: first, middle, last).
+    min_count: a token needs this many occurrences to enter the top-tokens tables.
+    expected_tokens: total for the progress bar, when the caller knows it (else max_tokens).
 
     Writes ``routing.json`` (schema in docs/routing.md), ``*.png`` and ``report.html``; returns
     the routing.json content plus ``"paths"``.
@@ -107,9 +120,9 @@ def run_analysis(
     out.mkdir(parents=True, exist_ok=True)
     cap = None if max_tokens is None else max(1, max_tokens // len(domains))
     details = detail_layers(layers)
-    view_layer = details[-1] if view_layer is None else view_layer
-    if view_layer not in layers:
-        raise ValueError(f"view_layer {view_layer} is not among the analysed layers {layers}")
+    view_layers = details if view_layers is None else list(view_layers)
+    if not view_layers or any(v not in layers for v in view_layers):
+        raise ValueError(f"view_layers {view_layers} must be among the analysed layers {layers}")
     vocab = TokenExpertCounts(details, cfg.vocab_size, E)
     detail_pos = [layers.index(i) for i in details]
 
@@ -118,11 +131,11 @@ def run_analysis(
     stats: dict[str, DomainStats] = {}
     info: dict[str, dict] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=max_tokens, unit="tok", desc="routing", disable=not progress)
+    bar = tqdm(total=expected_tokens or max_tokens, unit="tok", desc="routing", disable=not progress)
     try:
         for name, docs in domains.items():
             bar.set_postfix_str(name)
-            info[name] = {"available_tokens": 0, "capped": False}
+            info[name] = {"capped": False}
             s = stats[name] = DomainStats(len(layers), E, K)
             writer = RecordWriter(out / "records" / name, layers, K, E, probs=record_probs)
             chunks = route_documents(
@@ -149,9 +162,20 @@ def run_analysis(
     from smoe.analysis.report import token_view_docs, write_report
 
     plots = write_plots(stats, layers, details, E, K, out)
-    views = token_view_docs(out / "records", list(stats), layers, details, view_docs, view_tokens)
+    views = token_view_docs(out / "records", list(stats), layers, view_layers, view_docs, view_tokens)
     report = write_report(
-        out / "report.html", summary, stats, layers, details, view_layer, plots, views, vocab, tokenizer, top_n, min_count
+        out / "report.html",
+        summary,
+        stats,
+        layers,
+        details,
+        view_layers,
+        plots,
+        views,
+        vocab,
+        tokenizer,
+        top_n,
+        min_count,
     )
     if not keep_records:
         shutil.rmtree(out / "records")

@@ -72,14 +72,18 @@ class DomainStats:
         ids = expert_ids_NLK.astype(np.int64)
         docs = doc_ids_N.astype(np.int64)
         if self._last_doc is not None and docs[0] < self._last_doc:
-            raise ValueError(f"document ids must not decrease across chunks ({self._last_doc} then {docs[0]})")
+            raise ValueError(
+                f"document ids must not decrease across chunks ({self._last_doc} then {docs[0]})"
+            )
         new_docs = np.count_nonzero(np.diff(docs)) + (1 if self._last_doc != docs[0] else 0)
         self.documents += int(new_docs)
         self.tokens += N
         layer_L = np.arange(L)
         flat = (layer_L[None, :, None] * E + ids).reshape(-1)
         self.share_LE += np.bincount(flat, minlength=L * E).reshape(L, E)
-        self.first_LE += np.bincount((layer_L[None, :] * E + ids[:, :, 0]).reshape(-1), minlength=L * E).reshape(L, E)
+        self.first_LE += np.bincount(
+            (layer_L[None, :] * E + ids[:, :, 0]).reshape(-1), minlength=L * E
+        ).reshape(L, E)
         for a in range(K):
             for b in range(a + 1, K):
                 i, j = ids[:, :, a], ids[:, :, b]
@@ -161,7 +165,9 @@ class TokenExpertCounts:
         self.token_V += np.bincount(tok, minlength=self.V)
         for i in range(len(self.layers)):
             flat = tok * self.E + first_NL[:, i].astype(np.int64)
-            self.counts_LVE[i] += np.bincount(flat, minlength=self.V * self.E).reshape(self.V, self.E).astype(np.int32)
+            self.counts_LVE[i] += (
+                np.bincount(flat, minlength=self.V * self.E).reshape(self.V, self.E).astype(np.int32)
+            )
 
     def top(self, layer_pos: int, expert: int, n: int, min_count: int) -> list[tuple[int, float, int, int]]:
         """The ``n`` tokens with the highest P(expert | token) at ``self.layers[layer_pos]``:

@@ -1,0 +1,169 @@
+"""``smoe analyze``: the Mixtral paper's routing analysis on any checkpoint, as routing.json,
+PNG plots and a self-contained report.html (see docs/routing.md)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+from smoe.data.shards import Corpus
+
+GLOB_CHARS = set("*?[")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="record expert routing over named domains and write a routing report",
+        description="Each --data NAME=PATH_OR_GLOB is one domain whose matching text files are one document "
+        "each (a directory means its *.txt files). --data [NAME=]CORPUS_DIR (a folder with manifest.json from "
+        "`smoe data build`) adds every domain of that corpus, from the --split split (default: val).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or Mistral format)")
+    p.add_argument(
+        "--data", required=True, action="append", metavar="NAME=PATH_OR_GLOB", help="a domain (repeat)"
+    )
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split of corpus directories")
+    p.add_argument("--layers", default="all", help="comma-separated layer indices, or 'all' (default)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="cap on total tokens, split evenly over domains"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="window length (default: min(model context, 2048))"
+    )
+    p.add_argument(
+        "--overlap", type=int, default=0, help="context tokens repeated between windows (default 0)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer file (default: the checkpoint's, else Mixtral's)"
+    )
+    p.add_argument("--probs", action="store_true", help="also record the full router probabilities (float16)")
+    p.add_argument("--no-records", action="store_true", help="delete the per-token records after the report")
+    p.add_argument("--view-docs", type=int, default=2, help="documents per domain in the token view")
+    p.add_argument(
+        "--min-count", type=int, default=5, help="occurrences a token needs for the top-tokens tables"
+    )
+    p.set_defaults(func=_analyze)
+
+
+def parse_data(spec: str) -> tuple[str | None, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare path -> (None, PATH)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and not (GLOB_CHARS & set(name)):
+        return name, path
+    return None, spec
+
+
+def text_files(path: str) -> list[Path]:
+    if GLOB_CHARS & set(path):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+    elif Path(path).is_dir():
+        files = sorted(Path(path).glob("*.txt"))
+    elif Path(path).is_file():
+        files = [Path(path)]
+    else:
+        raise FileNotFoundError(f"--data {path}: no such file, directory or glob")
+    if not files:
+        raise FileNotFoundError(f"--data {path}: matched no text files")
+    return files
+
+
+def read_texts(files: list[Path]) -> Iterator[str]:
+    for f in files:
+        try:
+            yield f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 text ({e})") from None
+
+
+def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int | None]:
+    """{domain: lazy documents}, corpus labels, and the token total when it is known up front."""
+    domains: dict = {}
+    labels: list[str] = []
+    known_total: int | None = 0
+    for spec in specs:
+        name, path = parse_data(spec)
+        if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+            corpus = Corpus(path)
+            labels.append(f"{name or Path(path).name} ({path}, {split} split)")
+            for d in corpus.domains:
+                if d in domains:
+                    raise ValueError(f"--data {spec}: domain {d!r} is given twice")
+                domains[d] = corpus.documents(d, split)
+                known_total = None if known_total is None else known_total + corpus.num_tokens(d, split)
+            continue
+        if name is None:
+            raise ValueError(f"--data {spec}: text domains need a name, as NAME={path}")
+        if name in domains:
+            raise ValueError(f"--data {spec}: domain {name!r} is given twice")
+        files = text_files(path)
+        domains[name] = read_texts(files)
+        labels.append(f"{name}: {len(files)} file(s) from {path}")
+        known_total = None
+    return domains, labels, known_total
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    import smoe
+    from smoe.analysis import run_analysis
+    from smoe.analysis.run import detail_layers
+
+    cfg = smoe.load_config(args.model)
+    if not cfg.is_moe:
+        raise ValueError(f"{args.model}: a dense checkpoint (num_experts == 1) has no router to analyse")
+    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",") if x.strip()]
+    domains, labels, total = collect_domains(args.data, args.split)
+    torch.set_grad_enabled(False)
+    model = smoe.load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = smoe.load_tokenizer(args.tokenizer or args.model)
+    if total is not None and args.max_tokens is not None:
+        total = min(total, args.max_tokens)
+    summary = run_analysis(
+        model,
+        tokenizer,
+        domains,
+        args.out,
+        layers=layers,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len or min(cfg.max_seq_len, 2048),
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        record_probs=args.probs,
+        keep_records=not args.no_records,
+        model_name=str(args.model),
+        corpus_name="; ".join(labels),
+        view_docs=args.view_docs,
+        min_count=args.min_count,
+        expected_tokens=total or args.max_tokens,
+    )
+    print(summary_table(summary, detail_layers(summary["layers"])))
+    for key in ("report", "routing_json", "records"):
+        if summary["paths"][key]:
+            print(f"{key:>13}: {summary['paths'][key]}")
+    return 0
+
+
+def summary_table(summary: dict, show: list[int]) -> str:
+    """The paper's Table 5 analogue: repeat rates per domain at the first/middle/last layers."""
+    pct = lambda x: f"{100 * x:5.1f}%"  # noqa: E731
+    head = f"{'domain':<16}{'tokens':>10}" + "".join(f"{f'L{x} first':>11}{f'L{x} any':>11}" for x in show)
+    lines = [head, "-" * len(head)]
+    for name, d in summary["domains"].items():
+        cells = "".join(
+            f"{pct(d['repeat_first'][str(x)]):>11}{pct(d['repeat_any'][str(x)]):>11}" for x in show
+        )
+        lines.append(f"{name[:15]:<16}{d['tokens']:>10}{cells}")
+    ch = summary["chance"]
+    lines.append(f"{'chance':<16}{'':>10}" + f"{pct(ch['first']):>11}{pct(ch['any']):>11}" * len(show))
+    capped = [n for n, d in summary["domains"].items() if d["capped"]]
+    if capped:
+        lines.append(f"capped at {summary['max_tokens_per_domain']} tokens per domain: {', '.join(capped)}")
+    return "\n".join(lines)
