@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "smoe.cli.model_cmds",
     "smoe.cli.analyze_cmds",
+    "smoe.cli.train_cmds",
 ]
 
 
