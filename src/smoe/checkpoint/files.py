@@ -1,16 +1,20 @@
 """Finding and opening the weight files of a checkpoint directory, lazily and strictly.
 
-Safetensors files are memory-mapped: only headers are read until a tensor is asked for.
+Only headers are read until a tensor is asked for. Safetensors tensors are then read with
+positioned reads straight into a fresh buffer: unlike a memory map, whose file pages count as
+resident for as long as any tensor still points into the mapping, this keeps peak memory at
+about one copy of the weights (see docs/formats.md for the measurement).
 Pickle files (``.pt`` / ``.pth`` / ``.bin``) are opened only with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
@@ -22,13 +26,56 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"{path}: weight file is missing")
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table of a safetensors file and the byte offset where its data starts,
+    checked against the file's size so that a truncated file fails here, not mid-load."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a readable safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} > file size {size})")
+        try:
+            table = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (header is not a JSON object)")
+    table.pop("__metadata__", None)
+    data_start = 8 + n
+    for key, info in table.items():
+        try:
+            begin, end = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: not a readable safetensors file (bad entry for {key!r})") from None
+        if end - begin != numel * dtype.itemsize or data_start + end > size:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (tensor {key!r} needs bytes up to "
+                f"{data_start + end}, file has {size}; truncated?)"
+            )
+    return table, data_start
+
+
 class TensorSource:
     """All tensors of a checkpoint, by key, without reading them until asked."""
 
     def __init__(self, files: list[Path]):
         self.files = files
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._tables: dict[Path, tuple[dict[str, dict], int]] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         for f in files:
             for key in self._open(f):
@@ -39,13 +86,8 @@ class TensorSource:
     def _open(self, f: Path) -> list[str]:
         _check_file(f)
         if f.suffix == ".safetensors":
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-                keys = list(h.keys())
-            except Exception as e:  # safetensors raises several types for corrupt files
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self._handles[f] = h
-            return keys
+            self._tables[f] = read_safetensors_header(f)
+            return list(self._tables[f][0])
         try:
             sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -63,18 +105,36 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         f = self._where[key]
-        if f in self._handles:
-            return tuple(self._handles[f].get_slice(key).get_shape())  # type: ignore[attr-defined]
+        if f in self._tables:
+            return tuple(self._tables[f][0][key]["shape"])
         return tuple(self._pickled[f][key].shape)
 
-    def get(self, key: str) -> torch.Tensor:
+    def dtype(self, key: str) -> torch.dtype:
         f = self._where[key]
-        if f in self._handles:
-            try:
-                return self._handles[f].get_tensor(key)  # type: ignore[attr-defined]
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from None
-        return self._pickled[f][key]
+        if f in self._tables:
+            return _ST_DTYPES[self._tables[f][0][key]["dtype"]]
+        return self._pickled[f][key].dtype
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``; read into ``out`` (a contiguous CPU tensor of the file's dtype and
+        shape) when given, which saves a copy when stacking experts."""
+        f = self._where[key]
+        if f not in self._tables:
+            return self._pickled[f][key] if out is None else out.copy_(self._pickled[f][key])
+        table, data_start = self._tables[f]
+        info = table[key]
+        if out is None:
+            out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        begin, end = info["data_offsets"]
+        with open(f, "rb", buffering=0) as fh:
+            done = 0
+            while done < end - begin:
+                n = os.preadv(fh.fileno(), [buf[done:]], data_start + begin + done)
+                if n <= 0:
+                    raise CheckpointError(f"{f}: cannot read tensor {key!r} (file ended early)")
+                done += n
+        return out
 
 
 def hf_weight_files(directory: Path) -> list[Path]:

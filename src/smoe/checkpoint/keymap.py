@@ -28,6 +28,7 @@ class Recipe:
     keys: list[str]
     to_smoe: Callable[[list[torch.Tensor]], torch.Tensor]
     from_smoe: Callable[[torch.Tensor], list[torch.Tensor]]
+    stacked: bool = False  # to_smoe is torch.stack over the keys (experts)
 
 
 def _one(key: str) -> Recipe:
@@ -35,7 +36,7 @@ def _one(key: str) -> Recipe:
 
 
 def _stacked(keys: list[str]) -> Recipe:
-    return Recipe(keys, lambda ts: torch.stack(ts), lambda t: [t[e].contiguous() for e in range(t.shape[0])])
+    return Recipe(keys, torch.stack, lambda t: [t[e].contiguous() for e in range(t.shape[0])], stacked=True)
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:

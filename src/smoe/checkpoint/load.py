@@ -72,6 +72,13 @@ def _materialise(
                 raise CheckpointError(
                     f"{src.file_of(k)}: tensor {k!r} has shape {src.shape(k)} but the config implies {per_key}"
                 )
+        if recipe.stacked and device == "cpu" and all(src.dtype(k) == dtype for k in recipe.keys):
+            # Read each expert straight into its slice of the stacked tensor: no second copy.
+            stacked = torch.empty(want, dtype=dtype)
+            for e, k in enumerate(recipe.keys):
+                src.get(k, out=stacked[e])
+            out[name] = stacked
+            continue
         parts = [src.get(k).to(device=device, dtype=dtype) for k in recipe.keys]
         out[name] = recipe.to_smoe(parts).contiguous()
         del parts
