@@ -1,0 +1,158 @@
+"""``smoe train`` (train or resume a run), ``smoe export`` (a run's checkpoint as a Hugging
+Face / Mistral model) and ``smoe upcycle`` (a dense checkpoint into a mixture of experts)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+
+from smoe.config import PRESETS, ModelConfig
+
+# Command-line overrides of TrainConfig fields: flag -> (field, type).
+_OVERRIDES = {
+    "--steps": ("steps", int),
+    "--batch-size": ("batch_size", int),
+    "--seq-len": ("seq_len", int),
+    "--grad-accum": ("grad_accum", int),
+    "--lr": ("lr", float),
+    "--warmup-steps": ("warmup_steps", int),
+    "--aux-loss-coef": ("aux_loss_coef", float),
+    "--z-loss-coef": ("z_loss_coef", float),
+    "--dtype": ("dtype", str),
+    "--device": ("device", str),
+    "--eval-every": ("eval_every", int),
+    "--ckpt-every": ("ckpt_every", int),
+    "--keep-last": ("keep_last", int),
+    "--seed": ("seed", int),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a token corpus (or --resume a run)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="model preset (train settings from flags)")
+    src.add_argument("--config", help='run file: {"model": {...}, "train": {...}} (see smoe.train.config)')
+    p.add_argument("--data", help="corpus directory from `smoe data build` (kept in RUN_DIR on --resume)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plots)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    p.add_argument(
+        "--init", help="start from this model checkpoint (e.g. an upcycled one) instead of a fresh init"
+    )
+    p.add_argument("--dispatch", help="dispatch engine for this run (overrides the model config)")
+    p.add_argument("--stop-after", type=int, help="save and stop after this step (as SIGTERM does)")
+    p.add_argument("--aux-loss-per-layer", action="store_true", help="balance each layer separately")
+    for flag, (_, typ) in _OVERRIDES.items():
+        p.add_argument(flag, type=typ)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "export", help="write a training run's model as a Hugging Face (or Mistral) checkpoint"
+    )
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--checkpoint", help="a specific checkpoint file (default: the newest)")
+    p.add_argument("--format", default="hf", choices=["hf", "consolidated"])
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("upcycle", help="turn a dense Mistral-style checkpoint into a mixture of experts")
+    p.add_argument("--model", required=True, help="dense checkpoint directory")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf", choices=["hf", "consolidated"])
+    p.set_defaults(func=_upcycle)
+
+
+def _configs(args: argparse.Namespace):
+    from smoe.train.config import TrainConfig, load_run_file
+
+    if args.resume:
+        given = any(getattr(args, f[2:].replace("-", "_")) is not None for f in _OVERRIDES)
+        if args.preset or args.config or given or args.aux_loss_per_layer:
+            raise ValueError(
+                "--resume continues the run exactly as configured in RUN_DIR/config.json; drop other flags"
+            )
+        return None, None
+    if args.config:
+        model_cfg, train_cfg = load_run_file(args.config)
+    else:
+        model_cfg, train_cfg = ModelConfig.preset(args.preset or "tiny"), TrainConfig()
+    changes = {f: getattr(args, flag[2:].replace("-", "_")) for flag, (f, _) in _OVERRIDES.items()}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.aux_loss_per_layer:
+        changes["aux_loss_per_layer"] = True
+    train_cfg = dataclasses.replace(train_cfg, **changes)
+    if args.dispatch:
+        model_cfg = model_cfg.replace(dispatch=args.dispatch)
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"--seq-len {train_cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+        )
+    return model_cfg, train_cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from smoe.checkpoint import load_model
+    from smoe.train.loop import train
+    from smoe.train.step import NonFiniteLossError
+
+    model_cfg, train_cfg = _configs(args)
+    if not args.resume and not args.data:
+        raise ValueError("--data CORPUS_DIR is required for a new run (build one with `smoe data build`)")
+    init = None
+    if args.init:
+        if args.preset or args.resume:
+            raise ValueError("--init takes the model config from the checkpoint; drop --preset/--resume")
+        init = load_model(args.init, dtype="float32", dispatch=args.dispatch)
+        if args.config and model_cfg.replace(dispatch=init.config.dispatch) != init.config:
+            raise ValueError(
+                f"--init {args.init}: its model config differs from the model section of {args.config}"
+            )
+        model_cfg = init.config
+    try:
+        summary = train(
+            args.out, model_cfg, train_cfg, args.data, resume=args.resume, init_model=init,
+            stop_after=args.stop_after, progress=not args.no_progress,
+        )  # fmt: skip
+    except NonFiniteLossError as e:
+        print(f"smoe train: {e}", file=sys.stderr)
+        return 3
+    if summary["stopped"]:
+        name = summary["stopped"]
+        return 128 + getattr(signal, name).value if name in ("SIGINT", "SIGTERM") else 0
+    val = " ".join(f"{d}={v:.3f}" for d, v in summary["val"].items())
+    print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s; val loss {val}")
+    print(f"run directory: {args.out} (metrics.jsonl, checkpoints/, plots/)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from smoe.checkpoint import parse_dtype, save_model
+    from smoe.train.export import model_from_run
+
+    model = model_from_run(args.run, args.checkpoint, dtype=parse_dtype(args.dtype))
+    save_model(model, args.out, fmt=args.format)
+    print(f"exported {args.run} ({model.num_params() / 1e6:.1f}M parameters) to {args.out} ({args.format})")
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from smoe.checkpoint import load_model, save_model
+    from smoe.train.upcycle import upcycle
+
+    dense = load_model(args.model)
+    model = upcycle(dense, args.experts, args.top_k, seed=args.seed)
+    save_model(model, args.out, fmt=args.format)
+    cfg = model.config
+    print(
+        f"upcycled {args.model} into {cfg.num_experts} experts (top-{cfg.top_k}): "
+        f"{cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_params(active=True) / 1e6:.1f}M active -> {args.out}"
+    )
+    return 0
