@@ -20,6 +20,7 @@ from torch import nn
 
 from smoe.config import ModelConfig
 from smoe.dispatch import get_engine
+from smoe.dispatch.capacity import apply_capacity
 from smoe.dispatch.reference import swiglu
 
 
@@ -30,9 +31,17 @@ class RouterOutput:
     logits_TE: torch.Tensor  # float32 router logits
     expert_ids_TK: torch.Tensor  # chosen experts, best first
     weights_TK: torch.Tensor  # float32 softmax over the K chosen logits
+    dropped_TK: torch.Tensor | None = None  # bool, assignments over capacity (capacity mode only)
 
     def tokens_per_expert(self) -> torch.Tensor:
+        """Assignments the router made per expert (before any capacity drop)."""
         return torch.bincount(self.expert_ids_TK.reshape(-1), minlength=self.logits_TE.shape[-1])
+
+    def dropped_fraction(self) -> torch.Tensor:
+        """Fraction of the T*K assignments dropped by the capacity limit, as a device tensor."""
+        if self.dropped_TK is None:
+            return self.weights_TK.new_zeros(())
+        return self.dropped_TK.float().mean()
 
 
 class FeedForward(nn.Module):
@@ -78,10 +87,17 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, F_))  # w2_EDF
         self.w3 = nn.Parameter(torch.empty(E, F_, D))  # w3_EFD
         self.engine = get_engine(cfg.dispatch)
+        self.capacity_factor = cfg.capacity_factor  # None: dropless
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.gate(x_TD)
-        y_TD = self.engine(x_TD, routing.expert_ids_TK, routing.weights_TK, self.w1, self.w2, self.w3)
+        expert_ids_TK = routing.expert_ids_TK
+        if self.capacity_factor is not None:
+            # Dropped assignments get expert id E, which every engine skips (dispatch/capacity.py).
+            expert_ids_TK, routing.dropped_TK = apply_capacity(
+                expert_ids_TK, self.num_experts, self.capacity_factor
+            )
+        y_TD = self.engine(x_TD, expert_ids_TK, routing.weights_TK, self.w1, self.w2, self.w3)
         return y_TD.view(B, T, D), routing

@@ -1,0 +1,85 @@
+"""The sorted engine: permute tokens by expert, one grouped matrix product per weight.
+
+Legend: T tokens, D model dim, E experts, F expert hidden dim, K chosen experts per token,
+A = T * K assignments.
+
+Example, T=3, K=2, E=3, expert_ids = [[2, 0], [0, 1], [2, 1]]:
+    flat ids     [2, 0, 0, 1, 2, 1]   (assignment a = token a // K, choice a % K)
+    sorted rows  [1, 2, 3, 5, 0, 4]   (stable: token order within each expert)
+    counts       [2, 2, 2]  -> offsets [2, 4, 6]
+so x rows [0, 1, 1, 2, 0, 2] go through expert 0 (rows 0-1), 1 (rows 2-3), 2 (rows 4-5) in
+three grouped products, w1 and w3 up and w2 down, and each row is added back into its token.
+
+``torch._grouped_mm`` does the grouped products where this build has it for the device and
+dtype (CPU: float32/bfloat16/float16 with 16-byte aligned strides; CUDA: bfloat16 on sm80+).
+Elsewhere a loop over experts with one host read of the counts does the same work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smoe.dispatch.permute import Permutation, sort_by_expert
+from smoe.dispatch.reference import swiglu
+
+_GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """The CPU grouped_mm kernel needs every non-unit stride and the base address 16-byte aligned."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for these operands on this build (checked, not assumed)."""
+    if not hasattr(torch, "_grouped_mm") or any(w.dtype != x_AD.dtype for w in w_EXY):
+        return False
+    if x_AD.device.type == "cpu":
+        return x_AD.dtype in _GROUPED_MM_CPU_DTYPES and all(_aligned(t) for t in (x_AD, *w_EXY))
+    if x_AD.device.type == "cuda":
+        return x_AD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_AD.device) >= (8, 0)
+    return False
+
+
+def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+    offs_E = p.counts_E.cumsum(0).to(torch.int32)
+    # Rows past offs[-1] (dropped assignments) are left unwritten by grouped_mm, in the forward
+    # and in its input gradient. Zeroing them on the way in masks that gradient; the caller
+    # masks the output rows.
+    x_AD = torch.where(p.valid_A1, x_AD, 0)
+    h1_AF = torch._grouped_mm(x_AD, w1_EFD.transpose(-2, -1), offs=offs_E)
+    h3_AF = torch._grouped_mm(x_AD, w3_EFD.transpose(-2, -1), offs=offs_E)
+    g_AF = torch.nn.functional.silu(h1_AF) * h3_AF
+    return torch._grouped_mm(g_AF, w2_EDF.transpose(-2, -1), offs=offs_E)
+
+
+def _experts_loop(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+    counts = p.counts_E.tolist()  # the one host read of this path (a sync on accelerators)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(swiglu(x_AD[start : start + n], w1_EFD[e], w2_EDF[e], w3_EFD[e]))
+        start += n
+    if start < x_AD.shape[0]:  # dropped assignments, sorted last
+        outs.append(x_AD.new_zeros(x_AD.shape[0] - start, w2_EDF.shape[1]))
+    return torch.cat(outs) if outs else x_AD.new_zeros(0, w2_EDF.shape[1])
+
+
+def sorted_dispatch(
+    x_TD: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+) -> torch.Tensor:
+    p = sort_by_expert(expert_ids_TK, w1_EFD.shape[0])
+    x_AD = x_TD.index_select(0, p.token_A)
+    if can_grouped_mm(x_AD, w1_EFD, w2_EDF, w3_EFD):
+        o_AD = _experts_grouped(x_AD, p, w1_EFD, w2_EDF, w3_EFD)
+    else:
+        o_AD = _experts_loop(x_AD, p, w1_EFD, w2_EDF, w3_EFD)
+    gate_A1 = weights_TK.reshape(-1)[p.order_A].to(o_AD.dtype).unsqueeze(-1)
+    o_AD = torch.where(p.valid_A1, o_AD * gate_A1, 0)
+    return x_TD.new_zeros(x_TD.shape).index_add(0, p.token_A, o_AD)
