@@ -1,0 +1,93 @@
+"""Data parallelism for the dense parameters (DDP or FSDP2), composed with expert parallelism.
+
+Gradient bookkeeping, with N = dp * ep ranks each computing the loss L_r of its own batch and
+the objective (1/N) * sum_r L_r (the mean over the global batch):
+
+- dense parameters (attention, norms, embeddings, routers) are replicated or sharded over all
+  N ranks; their gradients are averaged over all N ranks (DDP all-reduce / FSDP
+  reduce-scatter, both divide by N);
+- expert parameters under EP: the backward all-to-all already sums every ep rank's gradient
+  into the owner, so they are summed over the dp group only and divided by N (not by dp).
+
+The wrappers go on from outside: the model files hold no collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from smoe.distributed.expert_parallel import (
+    ExpertParallelEngine,
+    TouchAllEngine,
+    expert_param_names,
+    moe_layers,
+)
+from smoe.distributed.mesh import ParallelMesh, param_dtype
+
+
+def _touch_all_local_experts(model: nn.Module) -> None:
+    """Non-EP MoE layers: make every expert produce a gradient on every rank (see touch_all_experts)."""
+    for moe in moe_layers(model):
+        if not isinstance(moe.engine, (ExpertParallelEngine, TouchAllEngine)):
+            moe.engine = TouchAllEngine(moe.engine)
+
+
+def _expert_grad_hook(dp_group: dist.ProcessGroup | None, world: int):
+    def hook(p: torch.Tensor) -> None:
+        p.grad.div_(world)
+        if dp_group is not None:
+            dist.all_reduce(p.grad, group=dp_group)
+
+    return hook
+
+
+def apply_ddp(model: nn.Module, pmesh: ParallelMesh) -> DistributedDataParallel:
+    """Replicate the dense parameters over all ranks with DDP; reduce the expert-parallel
+    ones over ``dp`` in a hook that fires as each expert gradient is complete.
+
+    Returns the DDP wrapper (call it like the model; ``unwrap`` gives the model back).
+    """
+    _touch_all_local_experts(model)
+    ignored = sorted(expert_param_names(model))
+    if ignored:
+        # Each ep rank holds different experts: DDP must neither broadcast nor average them.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        dp_group = pmesh.dp.get_group() if pmesh.cfg.dp > 1 else None
+        hook = _expert_grad_hook(dp_group, pmesh.world_size)
+        params = dict(model.named_parameters())
+        for name in ignored:
+            params[name].register_post_accumulate_grad_hook(hook)
+    device_ids = None
+    if pmesh.mesh.device_type == "cuda":
+        device_ids = [torch.cuda.current_device()]
+    return DistributedDataParallel(model, process_group=pmesh.world.get_group(), device_ids=device_ids)
+
+
+def apply_fsdp(model: nn.Module, pmesh: ParallelMesh) -> nn.Module:
+    """Shard with FSDP2 ``fully_shard``: each block and the root over all ranks; under EP
+    each MoE's expert weights as their own group over ``dp`` (and its router over all ranks).
+
+    Returns the model itself (FSDP2 works in place).
+    """
+    dtype = param_dtype(pmesh.cfg)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    _touch_all_local_experts(model)
+    for moe in moe_layers(model):
+        if isinstance(moe.engine, ExpertParallelEngine):
+            # The router is dense: shard it over everyone before the MoE group claims it.
+            fully_shard(moe.gate, mesh=pmesh.world, mp_policy=mp)
+            fully_shard(moe, mesh=pmesh.dp, mp_policy=mp)
+            moe.set_gradient_divide_factor(float(pmesh.world_size))
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=pmesh.world, mp_policy=mp)
+    fully_shard(model, mesh=pmesh.world, mp_policy=mp)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and EP modify the model in place)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
