@@ -1,0 +1,85 @@
+"""Choosing the next token: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Legend: B batch rows, V vocabulary.
+
+Sampling draws one exponential variate per (row, token) from that row's own generator and takes
+``argmax(probs / q)`` (the exponential race): token i wins with probability ``probs[i]``, as with
+``torch.multinomial``, but a row's draws never depend on the other rows of the batch. So a
+seeded batch row reproduces a solo run with that row's seed exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
+            raise ValueError(f"sampling: temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"sampling: top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling: top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """float32 logits with the tokens outside top-k and outside the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (the most likely token is always kept), as in transformers' TopPLogitsWarper.
+    """
+    logits_BV = logits_BV.float()
+    if 0 < top_k < logits_BV.shape[-1]:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
+        drop_sorted_BV[:, 0] = False
+        drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    return logits_BV
+
+
+def make_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def sample(
+    logits_BV: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from the last-position logits (B, V). Sampling needs one generator
+    per row (see ``make_generators``); greedy needs none."""
+    if cfg.greedy:
+        return logits_BV.argmax(dim=-1)
+    if generators is None or len(generators) != logits_BV.shape[0]:
+        raise ValueError(f"sampling needs one generator per row ({logits_BV.shape[0]} rows)")
+    probs_BV = filter_logits(logits_BV.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    q_BV = torch.empty_like(probs_BV)
+    for row, g in enumerate(generators):
+        q_BV[row].exponential_(generator=g)
+    # A draw of exactly 0 would turn a filtered-out 0 / 0 into NaN, which argmax prefers.
+    q_BV.clamp_(min=torch.finfo(q_BV.dtype).tiny)
+    return (probs_BV / q_BV).argmax(dim=-1)
