@@ -231,7 +231,8 @@ def polynomials_collect(rng: random.Random) -> Problem:
 
 
 def polynomials_evaluate(rng: random.Random) -> Problem:
-    v, name = rng.choice(VARIABLES), rng.choice("fghjkpqrsuv")
+    v = rng.choice(VARIABLES)
+    name = rng.choice([f for f in "fghjkpqrsuv" if f != v])  # "k(k) = ..." would read badly
     coeffs, x = _poly(rng, rng.randint(1, 3)), rng.randint(-6, 6)
     q = rng.choice(["Let {n}({v}) = {p}. What is {n}({x})?", "Let {n}({v}) = {p}. Calculate {n}({x})."])
     return Problem(
