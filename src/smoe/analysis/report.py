@@ -68,7 +68,9 @@ def token_view_docs(
     return out
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:  # plots were turned off
+        return ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
 
@@ -190,7 +192,7 @@ def write_report(
     ]
     rows.append(["<i>chance</i>"] + [_pct(ch[w]) for _ in details for w in ("first", "any")])
     h.append(_table(header, rows))
-    h.append(_img(plots["repeat_rates"], "repeat rates per layer"))
+    h.append(_img(plots.get("repeat_rates"), "repeat rates per layer"))
     header = ["layer"] + [f"{n} {w}" for n in doms for w in ("first", "any")]
     rows = [
         [x] + [_pct(d[f"repeat_{w}"][str(x)]) for d in doms.values() for w in ("first", "any")]
@@ -207,14 +209,14 @@ def write_report(
         "expert_share_all_layers",
         "first_choice_share_all_layers",
     ):
-        h.append(_img(plots[key], key.replace("_", " ")))
+        h.append(_img(plots.get(key), key.replace("_", " ")))
 
     h.append("<h2>Token view (paper Figure 8)</h2>")
     h.append("<p>Each token coloured by its first-choice expert; hover for the token id.</p>")
     h.append(_token_view(views, view_layers, E, tokenizer))
 
     h.append("<h2>Load and router health</h2>")
-    h.append(_img(plots["health"], "load and entropy"))
+    h.append(_img(plots.get("health"), "load and entropy"))
     all_ = merge(list(stats.values()))
     rows = [
         [x]
@@ -225,7 +227,7 @@ def write_report(
     h.append(_table(["layer"] + [f"e{e}" for e in range(E)] + ["max/mean", "entropy (nats)"], rows))
     h.append(f'<p class="note">Tokens per expert count all top-k assignments over all domains. Entropy of the '
              f"softmax over all E router logits; uniform = log E = {math.log(E):.3f}.</p>")  # fmt: skip
-    h.append(_img(plots["coselection"], "co-selection matrices"))
+    h.append(_img(plots.get("coselection"), "co-selection matrices"))
 
     h.append("<h2>Top tokens per expert</h2>")
     h.append(f"<p>Vocabulary items ranked by P(expert | token) = (times the token's first choice was the expert) / "

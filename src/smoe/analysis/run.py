@@ -83,6 +83,7 @@ def run_analysis(
     min_count: int = 5,
     progress: bool = True,
     expected_tokens: int | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Record the routing of ``model`` over ``domains`` and write the report to ``out_dir``.
 
@@ -98,6 +99,7 @@ def run_analysis(
     view_layers: layers shown side by side in the token view (default: first, middle, last).
     min_count: a token needs this many occurrences to enter the top-tokens tables.
     expected_tokens: total for the progress bar, when the caller knows it (else max_tokens).
+    plots: draw the PNGs (a few seconds of matplotlib); without them the report has numbers only.
 
     Writes ``routing.json`` (schema in docs/routing.md), ``*.png`` and ``report.html``; returns
     the routing.json content plus ``"paths"``.
@@ -161,7 +163,7 @@ def run_analysis(
     from smoe.analysis.plots import write_plots
     from smoe.analysis.report import token_view_docs, write_report
 
-    plots = write_plots(stats, layers, details, E, K, out)
+    pngs = write_plots(stats, layers, details, E, K, out) if plots else {}
     views = token_view_docs(out / "records", list(stats), layers, view_layers, view_docs, view_tokens)
     report = write_report(
         out / "report.html",
@@ -170,7 +172,7 @@ def run_analysis(
         layers,
         details,
         view_layers,
-        plots,
+        pngs,
         views,
         vocab,
         tokenizer,
@@ -182,7 +184,7 @@ def run_analysis(
     summary["paths"] = {
         "report": str(report),
         "routing_json": str(out / "routing.json"),
-        "plots": [str(p) for p in plots.values()],
+        "plots": [str(p) for p in pngs.values()],
         "records": str(out / "records") if keep_records else None,
     }
     return summary

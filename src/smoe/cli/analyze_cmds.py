@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--probs", action="store_true", help="also record the full router probabilities (float16)")
     p.add_argument("--no-records", action="store_true", help="delete the per-token records after the report")
+    p.add_argument("--no-plots", action="store_true", help="numbers only: skip the PNGs (faster)")
     p.add_argument("--view-docs", type=int, default=2, help="documents per domain in the token view")
     p.add_argument(
         "--min-count", type=int, default=5, help="occurrences a token needs for the top-tokens tables"
@@ -143,6 +144,7 @@ def _analyze(args: argparse.Namespace) -> int:
         view_docs=args.view_docs,
         min_count=args.min_count,
         expected_tokens=total or args.max_tokens,
+        plots=not args.no_plots,
     )
     print(summary_table(summary, detail_layers(summary["layers"])))
     for key in ("report", "routing_json", "records"):
