@@ -13,6 +13,7 @@ import sys
 # One module per command family; add a line here when a new one lands.
 COMMAND_MODULES = [
     "smoe.cli.model_cmds",
+    "smoe.cli.generate_cmds",
     "smoe.cli.data_cmds",
     "smoe.cli.analyze_cmds",
     "smoe.cli.train_cmds",
