@@ -14,7 +14,7 @@ x is bfloat16; engines cast it to x's dtype, as the reference does.
 
 Engines:
     reference  the loop over experts (the specification).
-    sorted     permute assignments by expert, one grouped product per weight (sorted.py).
+    sorted     permute assignments by expert, one grouped product per weight (sorted_engine.py).
     gather     for a handful of tokens: read only the chosen experts' weights (gather.py).
     triton     fused permute + grouped GEMM Triton kernels with their backward (triton_engine.py).
     auto       picks one of the above on every call, by device and token count (choose_engine).
@@ -30,7 +30,7 @@ import torch
 
 from smoe.dispatch.gather import gather_dispatch
 from smoe.dispatch.reference import reference_dispatch
-from smoe.dispatch.sorted import sorted_dispatch
+from smoe.dispatch.sorted_engine import sorted_dispatch
 
 Engine = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor

@@ -18,6 +18,7 @@ TRITON_INTERPRET=1, which the tests use.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +69,11 @@ def make_plan(expert_ids_TK: torch.Tensor, num_experts: int) -> Plan:
     )  # fmt: skip
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+def _dot_args(dtype: torch.dtype) -> dict:
+    """fp32 operands: exact (IEEE) products, as the reference. bf16 under the interpreter: see
+    DOT_F32 in triton_kernels.py. "tf32" is ignored for 16-bit operands."""
+    dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dict(PRECISION="ieee" if dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32)
 
 
 def _gmm(plan: Plan, mode: int, a, b_ENK, c, *, a_idx=None, c_idx=None, a2=None, b2_ENK=None, c2=None,
@@ -86,7 +90,7 @@ def _gmm(plan: Plan, mode: int, a, b_ENK, c, *, a_idx=None, c_idx=None, a2=None,
         plan.tile_expert, plan.tile_row, plan.row_end_E,
         N, K, E, *b_ENK.stride(), *b2.stride(),
         MODE=mode, HAS_A_IDX=a_idx is not None, HAS_C_IDX=c_idx is not None, SAVE_H=save_h,
-        BM=plan.BM, BN=BN, BK=BK, PRECISION=_precision(a.dtype),
+        BM=plan.BM, BN=BN, BK=BK, **_dot_args(a.dtype),
         num_warps=8 if plan.BM * BN >= 128 * 128 else 4, num_stages=3,
     )  # fmt: skip
 
@@ -100,7 +104,7 @@ def _wgrad(plan: Plan, dc, a, E: int, *, dc_idx=None, a_idx=None) -> torch.Tenso
         dc, dc_idx if dc_idx is not None else plan.order_R, a, a_idx if a_idx is not None else plan.token_R,
         dw, plan.row_end_E, plan.counts_E, N, K,
         HAS_DC_IDX=dc_idx is not None, HAS_A_IDX=a_idx is not None,
-        BN=BN, BK=BK, BR=32, PRECISION=_precision(a.dtype), num_warps=8, num_stages=3,
+        BN=BN, BK=BK, BR=32, **_dot_args(a.dtype), num_warps=8, num_stages=3,
     )  # fmt: skip
     return dw
 

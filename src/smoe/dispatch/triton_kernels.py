@@ -12,7 +12,9 @@ A "tile" is BM consecutive sorted rows of one expert. Tile tables are built on t
 Row indices: ``a_idx[r]`` is the row of the A operand that sorted row r reads (for x, its
 token: the fused permute), ``c_idx[r]`` the row of C it writes (for outputs in the original
 assignment order: the fused un-permute). HAS_A_IDX / HAS_C_IDX = False means "row r itself".
-Accumulation is float32 whatever the input dtype.
+Accumulation is float32 whatever the input dtype. DOT_F32 upcasts the operands of tl.dot to
+float32: only for triton's CPU interpreter, whose tl.dot of bfloat16 operands returns garbage
+(triton 3.9; float16 and float32 are right there).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton.language as tl
 @triton.jit
 def _row_tile_dot(
     a_ptr, a_rows, rmask, b_ptr, stride_bn, stride_bk, offs_n, nmask, K,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """sum_k A[a_rows, k] * B[n, k] for one (BM, BN) tile; A is row-major with K columns."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -40,6 +42,8 @@ def _row_tile_dot(
             mask=kmask[:, None] & nmask[None, :],
             other=0.0,
         )
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=PRECISION)
     return acc
 
@@ -51,7 +55,7 @@ def gmm_kernel(
     N, K, num_experts,
     stride_be, stride_bn, stride_bk, stride_b2e, stride_b2n, stride_b2k,
     MODE: tl.constexpr, HAS_A_IDX: tl.constexpr, HAS_C_IDX: tl.constexpr, SAVE_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One (BM, BN) tile of a grouped product, by MODE:
 
@@ -75,24 +79,13 @@ def gmm_kernel(
     nmask = offs_n < N
     e64 = e.to(tl.int64)
     acc = _row_tile_dot(
-        a_ptr,
-        a_rows,
-        rmask,
-        b_ptr + e64 * stride_be,
-        stride_bn,
-        stride_bk,
-        offs_n,
-        nmask,
-        K,
-        BM,
-        BN,
-        BK,
-        PRECISION,
-    )
+        a_ptr, a_rows, rmask, b_ptr + e64 * stride_be, stride_bn, stride_bk, offs_n, nmask, K,
+        BM, BN, BK, PRECISION, DOT_F32,
+    )  # fmt: skip
     if MODE == 1 or MODE == 3:
         acc2 = _row_tile_dot(
             a2_ptr, a_rows, rmask, b2_ptr + e64 * stride_b2e, stride_b2n, stride_b2k, offs_n, nmask, K,
-            BM, BN, BK, PRECISION,
+            BM, BN, BK, PRECISION, DOT_F32,
         )  # fmt: skip
     if HAS_C_IDX:
         c_rows = tl.load(c_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -128,7 +121,7 @@ def wgrad_kernel(
     dc_ptr, dc_idx_ptr, a_ptr, a_idx_ptr, dw_ptr, row_end_ptr, counts_ptr,
     N, K,
     HAS_DC_IDX: tl.constexpr, HAS_A_IDX: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """dW[e] (N, K) = sum over expert e's sorted rows r of dC[r, :]^T A[r, :]; zero for an
     expert with no rows. dC is row-major with N columns, A with K columns, dW contiguous."""
@@ -157,6 +150,8 @@ def wgrad_kernel(
         a = tl.load(
             a_ptr + a_rows[:, None] * K + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
         )
+        if DOT_F32:
+            dc_T, a = dc_T.to(tl.float32), a.to(tl.float32)
         acc += tl.dot(dc_T, a, input_precision=PRECISION)
     dw_off = e.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
