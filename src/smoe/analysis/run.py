@@ -44,13 +44,18 @@ def _token_ids(doc: Document, tokenizer: Any, domain: str) -> np.ndarray:
 
 
 def _capped(
-    docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict
+    docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict, vocab_size: int
 ) -> Iterator[np.ndarray]:
     """Non-empty token arrays for a domain; once ``cap`` tokens are reached the document there is
     cut, the rest skipped, and ``info["capped"]`` set (only if something was actually left out)."""
     used = 0
-    for doc in docs:
+    for i, doc in enumerate(docs):
         toks = _token_ids(doc, tokenizer, domain)
+        if len(toks) and (toks.min() < 0 or toks.max() >= vocab_size):
+            raise ValueError(
+                f"domain {domain!r}, document {i}: token ids span [{toks.min()}, {toks.max()}] but the model's "
+                f"vocabulary has {vocab_size} entries (wrong tokenizer or corpus for this model?)"
+            )
         if cap is not None and used + len(toks) > cap:
             info["capped"] = True
             toks = toks[: cap - used]
@@ -141,7 +146,12 @@ def run_analysis(
             s = stats[name] = DomainStats(len(layers), E, K)
             writer = RecordWriter(out / "records" / name, layers, K, E, probs=record_probs)
             chunks = route_documents(
-                model, _capped(docs, tokenizer, name, cap, info[name]), layers, seq_len, batch_size, overlap
+                model,
+                _capped(docs, tokenizer, name, cap, info[name], cfg.vocab_size),
+                layers,
+                seq_len,
+                batch_size,
+                overlap,
             )
             for ch in chunks:
                 N, L, E_ = ch.logits_NLE.shape
