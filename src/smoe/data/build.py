@@ -27,6 +27,7 @@ the validation loss of a model that ignores context.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -71,7 +72,7 @@ def resolve_sources(
         if name in want:
             raise ValueError(f"user domain {name!r} clashes with the built-in domain of that name")
     sources = []
-    factories = {"code": code_source, "math": lambda: math_source(seed), "prose": prose_source}
+    factories = {"code": code_source, "math": lambda: math_source(seed), "prose": lambda: prose_source(seed)}
     sources += [factories[d]() for d in BUILTIN_DOMAINS if d in want]
     notes: list[str] = []
     if any(d in want for d in SYSTEM_DOMAINS):
@@ -343,7 +344,8 @@ def build_corpus(
         for split, docs in _split(dom, seed, val_fraction).items():
             docs = [[tokenizer.bos_id, *d, tokenizer.eos_id] for d in docs]
             entry[split] = write_split(out / source.name, split, docs)
-            c = np.bincount(np.fromiter((t for d in docs for t in d), np.int64), minlength=vocab)
+            flat = np.fromiter(itertools.chain.from_iterable(docs), np.int64)
+            c = np.bincount(flat, minlength=vocab)
             c[tokenizer.bos_id] -= len(docs)
             counts[split] = c
             totals[split] += c

@@ -16,6 +16,7 @@ Each document is stored as ``BOS, tokens..., EOS``. Document d of a split is
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ def write_split(directory: Path, split: str, docs: list[list[int]]) -> dict[str,
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     idx = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=idx[1:])
-    flat = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(idx[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=int(idx[-1]))
     if flat.size and (flat.min() < 0 or flat.max() >= 2**16):
         raise CorpusError(f"{directory}: token ids must fit uint16, got range [{flat.min()}, {flat.max()}]")
     flat.astype(np.uint16).tofile(directory / f"{split}.bin")
@@ -51,7 +52,9 @@ class Corpus:
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
-            raise CorpusError(f"{self.path}: not a corpus directory (no manifest.json; build one with `smoe data build`)")
+            raise CorpusError(
+                f"{self.path}: not a corpus directory (no manifest.json; build one with `smoe data build`)"
+            )
         try:
             self.manifest = json.loads(manifest.read_text())
         except ValueError as e:
@@ -85,7 +88,9 @@ class Corpus:
             raise CorpusError(f"{d / (split + '.idx')}: malformed document index")
         n_tokens = (d / f"{split}.bin").stat().st_size // 2
         if idx[-1] != n_tokens:
-            raise CorpusError(f"{d / (split + '.idx')}: index ends at {idx[-1]} but the shard has {n_tokens} tokens")
+            raise CorpusError(
+                f"{d / (split + '.idx')}: index ends at {idx[-1]} but the shard has {n_tokens} tokens"
+            )
         return idx
 
     def documents(self, domain: str, split: str = "train") -> Iterator[np.ndarray]:

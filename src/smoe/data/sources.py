@@ -22,6 +22,7 @@ import functools
 import glob
 import itertools
 import os
+import random
 import re
 import sys
 import sysconfig
@@ -160,32 +161,38 @@ def _load_prose(key: str) -> Iterator[str | Skip]:
         yield docs if len(docs) >= PROSE_MIN_DOCSTRING_CHARS else Skip("few_docstrings", where)
 
 
-def prose_source() -> Source:
+def prose_source(seed: int) -> Source:
+    """Candidates of the four kinds, each shuffled by ``seed``, interleaved round-robin: there
+    are ~100 times more modules than reference topics or package descriptions, and a uniform
+    shuffle would make the domain almost all docstrings (and spend its time in ``ast.parse``)."""
     topics = stdlib_dir() / "pydoc_data" / "topics.py"
     sites = site_dirs()
 
     def candidates() -> list[str]:
-        keys = []
+        kinds: dict[str, list[str]] = {"topic": [], "metadata": [], "doc": [], "docstrings": []}
         if topics.is_file():
-            keys += [f"topic:{topics}:{t}" for t in sorted(_pydoc_topics(str(topics)))]
+            kinds["topic"] = [f"topic:{topics}:{t}" for t in sorted(_pydoc_topics(str(topics)))]
         for site in sites:
             for dist in sorted(site.glob("*.dist-info")):
                 if (dist / "METADATA").is_file():
-                    keys.append(f"metadata:{dist / 'METADATA'}")
+                    kinds["metadata"].append(f"metadata:{dist / 'METADATA'}")
             for path in _walk(site, lambda f: not PROSE_EXCLUDED_NAMES.match(f)):
                 if ".dist-info" in path:
                     continue
                 if path.endswith(".py"):
-                    keys.append(f"docstrings:{path}")
+                    kinds["docstrings"].append(f"docstrings:{path}")
                 elif path.lower().endswith((".rst", ".md", ".txt")):
-                    keys.append(f"doc:{path}")
-        return keys
+                    kinds["doc"].append(f"doc:{path}")
+        for kind, keys in kinds.items():
+            random.Random(f"smoe-corpus:{seed}:prose:{kind}").shuffle(keys)
+        rounds = itertools.zip_longest(*kinds.values())
+        return [k for r in rounds for k in r if k is not None]
 
     desc = (
-        f"English technical prose: Python reference topics ({topics}), package METADATA, "
+        f"English technical prose, interleaved: Python reference topics ({topics}), package METADATA, "
         f".rst/.md/.txt docs and module docstrings (via ast) under {', '.join(map(str, sites))}"
     )
-    return Source("prose", desc, "builtin", candidates, _load_prose)
+    return Source("prose", desc, "builtin", candidates, _load_prose, shuffle=False)
 
 
 # ---------------------------------------------------------------- user domains
