@@ -1,0 +1,84 @@
+"""The on-device greedy loop (the GPU throughput path) equals the Generator's greedy tokens, and
+benchmarks/gpu_decode.py runs end to end on CPU with --tiny."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import smoe
+from smoe.cache import KVCache
+from smoe.decode_loop import GreedyDecodeLoop
+from smoe.generate import GenerationConfig, Generator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
+    processes made small ops (index_add, linear) 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_greedy_loop_equals_generator(make_hf, window):
+    directory, _ = make_hf(sliding_window=window)
+    model = smoe.load_model(directory)
+    prompts = torch.randint(3, 97, (3, 7), generator=torch.Generator().manual_seed(0))
+    expected = [
+        c.token_ids
+        for c in Generator(model).generate(
+            prompts.tolist(), GenerationConfig(max_new_tokens=9, stop_at_eos=False)
+        )
+    ]
+    cache = KVCache.for_model(model, 3, 7 + 10)
+    loop = GreedyDecodeLoop(model, cache, max_steps=8)
+    with torch.inference_mode():
+        first = model(prompts, None, cache)[:, -1].argmax(-1)
+    loop.start(first, torch.full((3,), 7))
+    out = loop.run(5)
+    out = loop.run(3)
+    got = torch.cat([first[:, None], out], dim=1).tolist()
+    assert got == expected
+    with pytest.raises(ValueError, match="exceed"):
+        loop.run(1)
+
+
+def test_cuda_graph_needs_cuda(make_hf):
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    with pytest.raises(ValueError, match="CUDA"):
+        GreedyDecodeLoop(model, KVCache.for_model(model, 1, 8), max_steps=4, cuda_graph=True)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_tiny_on_cpu(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "benchmarks" / "gpu_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = [
+        "gpu_decode.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--prompt-len",
+        "8",
+        "--prefill-len",
+        "32",
+    ]
+    argv += ["--batch", "1", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    out = capsys.readouterr().out.strip().splitlines()
+    table = out[out.index("| measurement | result | graphed tokens == eager |") :]
+    assert len(table) == 5 and "| yes |" in table[2] and "| yes |" in table[3] and "prefill 32" in table[4]
