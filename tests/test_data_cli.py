@@ -114,3 +114,15 @@ def test_man_alias_pages_are_skipped(tmp_path):
         Skip("man_alias", str(tmp_path / "alias.1.gz"))
     ]
     assert list(system_sources._load_man(str(tmp_path / "real.1"))) == ["\nNAME\nreal - a page\n"]
+
+
+def test_default_domains_without_system_text(monkeypatch, tmp_path):
+    from smoe.data.build import resolve_sources
+
+    monkeypatch.setattr(system_sources, "GCIDE", tmp_path / "nope.dict.dz")
+    monkeypatch.setattr(system_sources, "MAN_ROOT", tmp_path / "man")
+    monkeypatch.setattr(system_sources.shutil, "which", lambda name: None)
+    found, notes = resolve_sources(None, {}, seed=0)
+    assert [s.name for s in found] == ["code", "math", "prose"] and len(notes) == 4
+    with pytest.raises(FileNotFoundError, match="bible-kjv"):
+        resolve_sources(["code", "bible"], {}, seed=0)
