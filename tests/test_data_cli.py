@@ -51,6 +51,12 @@ def test_cli_rejects_bad_domain_spec(tmp_path, capsys):
         main(["data", "build", "--out", str(tmp_path / "c"), "--domain", "x=" + str(tmp_path / "none*")]) == 2
     )
     assert "matched no files" in capsys.readouterr().err
+    assert main(["data", "build", "--out", str(tmp_path / "c"), "--domain", "manifest.json=*.txt"]) == 2
+    assert "must match" in capsys.readouterr().err
+    assert (
+        main(["data", "build", "--out", str(tmp_path / "c"), "--domain", "a=x.md", "b.md"]) == 2
+    )  # shell-expanded
+    assert "quote the glob" in capsys.readouterr().err
 
 
 def test_code_candidates_skip_tests_and_site_packages():

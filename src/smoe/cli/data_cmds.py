@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0, help="selects and splits documents (default 0)")
     b.add_argument(
         "--domain",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="NAME=GLOB",
         help="add a user domain from .txt/.md/.rst files (one document each) or .jsonl (a 'text' "

@@ -12,6 +12,9 @@ Layout written by ``smoe data build`` (and read by training and routing analysis
 
 Each document is stored as ``BOS, tokens..., EOS``. Document d of a split is
 ``tokens[idx[d]:idx[d + 1]]``.
+
+``smoe.data.build`` adds further manifest fields (seed, caps, per-domain candidates/examined,
+skipped counts by reason, unigram entropies in nats); readers need only the ones above.
 """
 
 from __future__ import annotations

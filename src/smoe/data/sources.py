@@ -33,7 +33,7 @@ from pathlib import Path
 from smoe.data import math_gen
 from smoe.data.textio import Skip, read_text, read_user_file
 
-DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a directory name beside manifest.json
 # Directory names never searched for code or prose: tests (and their data), caches, installed packages.
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 PROSE_MIN_DOCSTRING_CHARS = 300
@@ -202,7 +202,10 @@ def parse_domain_spec(spec: str) -> tuple[str, str]:
     """``NAME=GLOB`` -> (name, glob); the name becomes a directory, so it is restricted."""
     name, sep, pattern = spec.partition("=")
     if not sep or not pattern:
-        raise ValueError(f"--domain {spec!r}: expected NAME=GLOB, e.g. notes='docs/**/*.md'")
+        raise ValueError(
+            f"--domain {spec!r}: expected NAME=GLOB, e.g. notes='docs/**/*.md' "
+            "(quote the glob so that the shell does not expand it)"
+        )
     if not DOMAIN_NAME.match(name):
         raise ValueError(f"--domain {spec!r}: name {name!r} must match {DOMAIN_NAME.pattern}")
     return name, pattern
