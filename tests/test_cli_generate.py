@@ -79,7 +79,7 @@ def test_generate_subprocess_seeded(tiny_dir):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     # A seeded run repeats, in another process too.
-    gen = Generator(smoe.load_model(tiny_dir), smoe.load_tokenizer(tiny_dir))
+    gen = Generator(smoe.load_model(tiny_dir), smoe.load_tokenizer(tiny_dir), cpu_layout=True)
     cfg = GenerationConfig(max_new_tokens=6, seed=3, temperature=0.9, top_k=50, top_p=0.9)
     assert run.stdout == gen.generate(["Hello there"], cfg)[0].text + "\n"
 
@@ -103,7 +103,7 @@ def test_chat_is_multi_turn(tiny_dir, monkeypatch, capsys):
     assert len(replies) == 2
     # Rebuild the second turn's prompt from the first reply: the CLI must have sent exactly it.
     tok = smoe.load_tokenizer(tiny_dir)
-    gen = Generator(smoe.load_model(tiny_dir), tok)
+    gen = Generator(smoe.load_model(tiny_dir), tok, cpu_layout=True)
     cfg = GenerationConfig(max_new_tokens=5, top_p=0.9)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     first = gen.generate([tok.encode_chat(msgs)], cfg)[0].text.strip()

@@ -34,12 +34,12 @@ def _ids(gen: Generator, prompts, cfg: GenerationConfig) -> list[list[int]]:
     return [c.token_ids for c in gen.generate(prompts, cfg)]
 
 
-@pytest.mark.parametrize("window", [None, 6])
-def test_greedy_equals_transformers(make_hf, window):
-    """Also with a window shorter than prompt + output (the rolling buffer wraps) and a prefill
-    chunk shorter than the longest prompt."""
+@pytest.mark.parametrize("window,cpu_layout", [(None, False), (6, False), (None, True)])
+def test_greedy_equals_transformers(make_hf, window, cpu_layout):
+    """Also with a window shorter than prompt + output (the rolling buffer wraps), a prefill
+    chunk shorter than the longest prompt, and the CPU decode weight layout."""
     directory, ref = make_hf(sliding_window=window)
-    gen = Generator(smoe.load_model(directory))
+    gen = Generator(smoe.load_model(directory), cpu_layout=cpu_layout)
     cfg = GenerationConfig(max_new_tokens=14, prefill_chunk=4)
     for prompt in PROMPTS:
         expected = _hf_greedy(ref, prompt, 14)
@@ -48,7 +48,8 @@ def test_greedy_equals_transformers(make_hf, window):
 
 def test_batched_equals_one_by_one(make_hf):
     directory, _ = make_hf(sliding_window=5)
-    gen = Generator(smoe.load_model(directory))
+    gen = Generator(smoe.load_model(directory), cpu_layout=True)
+    assert not gen.model.output.weight.is_contiguous()  # the CPU decode layout is in use
     for cfg in [
         GenerationConfig(max_new_tokens=10, prefill_chunk=3),
         GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=11),

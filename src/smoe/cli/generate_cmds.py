@@ -55,7 +55,8 @@ def _setup(args: argparse.Namespace) -> tuple[Generator, GenerationConfig]:
         truncate=getattr(args, "truncate", False),
     )  # validates the sampling values before the (slow) load
     model = load_model(args.model, dtype=args.dtype, device=args.device, dispatch=args.dispatch)
-    return Generator(model, load_tokenizer(args.model), compile=args.compile), cfg
+    cpu_layout = model.tok_embeddings.weight.device.type == "cpu"  # faster single-token matmuls there
+    return Generator(model, load_tokenizer(args.model), compile=args.compile, cpu_layout=cpu_layout), cfg
 
 
 def _stats(res: Completion, seconds: float) -> str:
