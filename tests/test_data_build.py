@@ -188,6 +188,18 @@ def test_refuses_foreign_directory_and_replaces_old_corpus(tmp_path, tok):
     _build(tmp_path / "d", tok, {"old": str(tmp_path / "in" / "*")})
     _build(tmp_path / "d", tok, {"new": str(tmp_path / "in" / "*")})
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "new"]
+    # An interrupted build (no manifest yet) is cleared by the next one; nothing outside is touched.
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({"domains": {"new": {}, "..": {}}}))
+    with pytest.raises(FileNotFoundError):
+        _build(tmp_path / "d", tok, {"u": str(tmp_path / "missing" / "*")})  # fails before writing
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / ".smoe-build-incomplete").write_text(json.dumps(["half"]))
+    (tmp_path / "e" / "half").mkdir()
+    _build(tmp_path / "e", tok, {"u": str(tmp_path / "in" / "*")})
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["manifest.json", "u"]
+    _build(tmp_path / "d", tok, {"u": str(tmp_path / "in" / "*")})
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "u"]
+    assert (tmp_path / "in").is_dir() and (tmp_path / "c" / "precious.txt").is_file()
 
 
 def test_loud_errors(tmp_path, tok):

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smoe.data.shards import FORMAT, SPLITS, CorpusError, write_split
-from smoe.data.sources import Source, code_source, math_source, prose_source, user_source
+from smoe.data.sources import DOMAIN_NAME, Source, code_source, math_source, prose_source, user_source
 from smoe.data.system_sources import system_sources
 from smoe.data.textio import MAX_LINE_CHARS, Skip, content_hash, longest_line, normalise, split_long
 
@@ -251,25 +251,35 @@ def _unigram(counts_train: np.ndarray, counts_val: np.ndarray) -> dict[str, floa
     }
 
 
-def _prepare_out(out: Path) -> None:
-    """Refuse to overwrite a non-corpus directory; clear an earlier corpus (its listed domains)."""
+_INCOMPLETE = ".smoe-build-incomplete"  # lists the domains of a build in progress
+
+
+def _prepare_out(out: Path, domains: list[str]) -> None:
+    """Refuse to write into a directory that is not ours; clear an earlier (or interrupted) build.
+
+    Only the domain folders an earlier manifest (or in-progress marker) lists are removed, and
+    only names that are valid domain names, so a doctored manifest cannot point outside ``out``.
+    """
     if out.exists() and not out.is_dir():
         raise CorpusError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.json"
-    if manifest.is_file():
+    for listing in (out / "manifest.json", out / _INCOMPLETE):
+        if not listing.is_file():
+            continue
         try:
-            old = json.loads(manifest.read_text()).get("domains", {})
+            old = json.loads(listing.read_text())
+            old = old.get("domains", {}) if isinstance(old, dict) else old
         except ValueError:
-            old = {}
-        manifest.unlink()
+            old = []
+        listing.unlink()
         for name in old:
-            if (out / name).is_dir():
+            if isinstance(name, str) and DOMAIN_NAME.match(name) and (out / name).is_dir():
                 shutil.rmtree(out / name)
     if any(out.iterdir()):
         raise CorpusError(
             f"{out}: directory is not empty and holds no corpus manifest; refusing to write into it"
         )
+    (out / _INCOMPLETE).write_text(json.dumps(domains))
 
 
 def build_corpus(
@@ -310,7 +320,7 @@ def build_corpus(
 
         tokenizer = load_tokenizer()
     out = Path(out_dir)
-    _prepare_out(out)
+    _prepare_out(out, [src.name for src in sources])
 
     vocab = int(tokenizer.vocab_size)
     if vocab > 2**16:
@@ -367,6 +377,7 @@ def build_corpus(
     }
     manifest["overall"].update(_unigram(totals["train"], totals["val"]))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / _INCOMPLETE).unlink()
     return manifest
 
 
