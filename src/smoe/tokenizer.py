@@ -62,6 +62,13 @@ class Tokenizer:
             ids = self._hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + list(ids) + ([self.eos_id] if eos else [])
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of many texts, without BOS/EOS. SentencePiece and tokenizers both encode a list
+        in native code, which is faster than a Python loop over ``encode``."""
+        if self._sp is not None:
+            return self._sp.encode(list(texts))
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id)]
         if self._sp is not None:
