@@ -4,6 +4,7 @@ by transformers (whose own greedy generate is the expected output)."""
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 
@@ -130,3 +131,26 @@ def test_small_vocab_checkpoint_rejected(make_hf, capsys):
     directory, _ = make_hf()  # vocab 97 < the tokenizer's 32000
     assert main(["generate", "--model", str(directory), "--prompt", "x"]) == 2
     assert "vocab_size is 97" in capsys.readouterr().err
+
+
+def test_consolidated_checkpoint(tiny_dir, tmp_path, capsys):
+    """The same weights saved in Mistral's consolidated format generate the same text."""
+    smoe.save_model(smoe.load_model(tiny_dir), tmp_path / "cons", fmt="consolidated")
+    args = ["--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos"]
+    assert main(["generate", "--model", str(tiny_dir), *args]) == 0
+    hf_out = capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "cons"), *args]) == 0
+    assert capsys.readouterr().out == hf_out and len(hf_out) > 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_cleanly(tiny_dir):
+    cmd = [sys.executable, "-m", "smoe", "generate", "--model", str(tiny_dir), "--prompt", "Count:"]
+    cmd += ["--max-new-tokens", "240", "--ignore-eos"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.read(1)  # streaming has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert first and proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

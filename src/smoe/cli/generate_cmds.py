@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="1 = off")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
 
 
@@ -52,6 +53,7 @@ def _setup(args: argparse.Namespace) -> tuple[Generator, GenerationConfig]:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        stop_at_eos=not args.ignore_eos,
         truncate=getattr(args, "truncate", False),
     )  # validates the sampling values before the (slow) load
     model = load_model(args.model, dtype=args.dtype, device=args.device, dispatch=args.dispatch)
