@@ -141,3 +141,25 @@ def test_train_config_validation():
         TrainConfig(dtype="fp16")
     with pytest.raises(ValueError, match="unknown train fields"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+@pytest.mark.parametrize("dispatch", ["reference", "auto"])
+def test_bf16_autocast_step_keeps_fp32_master(tmp_path, dispatch):
+    """bf16 autocast trains with float32 weights and optimizer state, and tracks fp32 closely."""
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg = tcfg(steps=2, eval_every=0, ckpt_every=0)
+    model_cfg = MODEL.replace(dispatch=dispatch, router_jitter=0.0)
+    fp32 = train(tmp_path / "fp32", model_cfg, cfg, corpus, progress=False)
+    bf16 = train(
+        tmp_path / "bf16",
+        model_cfg,
+        tcfg(steps=2, eval_every=0, ckpt_every=0, dtype="bf16"),
+        corpus,
+        progress=False,
+    )
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "bf16"))
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    exp_avg = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert exp_avg and all(t.dtype == torch.float32 for t in exp_avg)
+    for d in fp32["val"]:
+        assert bf16["val"][d] == pytest.approx(fp32["val"][d], rel=0.02)

@@ -31,6 +31,7 @@ from smoe.train import checkpoint as ckpt
 from smoe.train.config import TrainConfig, load_run_file, write_run_file
 from smoe.train.data import TrainSampler, val_batches
 from smoe.train.optim import build_optimizer, build_scheduler
+from smoe.train.precision import wrap_engines_for_autocast
 from smoe.train.step import NonFiniteLossError, eval_loss, train_step
 
 
@@ -127,6 +128,8 @@ def train(
         model = init_model.to(device=device, dtype=torch.float32)
     else:
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.seed)
+    if cfg.dtype == "bf16":
+        wrap_engines_for_autocast(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     corpus = Corpus(corpus_dir)
