@@ -3,7 +3,7 @@ full recording pass of ``smoe analyze`` (forward + statistics + per-token record
 
     python benchmarks/analysis_recording.py [--preset tiny] [--batch 4] [--seq 256] [--repeats 7]
 
-The three are timed interleaved, each repeat in turn, and the table (last) gives medians and ratios
+The three are timed interleaved, in a rotating order, and the table (last) gives medians and ratios
 to the plain forward, so machine noise hits all three alike.
 """
 
@@ -62,8 +62,10 @@ def main() -> None:
     with torch.inference_mode():
         for f in cases.values():
             f()  # warm-up
-        for _ in range(args.repeats):
-            for name, f in cases.items():
+        names = list(cases)
+        for r in range(args.repeats):
+            for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: no position bias
+                f = cases[name]
                 t0 = time.perf_counter()
                 f()
                 times[name].append(time.perf_counter() - t0)

@@ -143,6 +143,20 @@ def test_random_documents_against_a_naive_count(tmp_path):
         assert d["repeat_any"][str(layer)] == pytest.approx(anyo / pairs)
 
 
+def test_full_router_probabilities_are_recorded_on_request(tmp_path):
+    run_analysis(
+        routed_model(), None, {"d": [A, B]}, tmp_path, record_probs=True, progress=False, plots=False
+    )
+    rec = load_domain_records(tmp_path, "d")
+    probs = np.asarray(rec["probs"], dtype=np.float32)  # (N, L, E) float16 on disk
+    assert probs.shape == (12, 3, E)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=3e-3)
+    np.testing.assert_array_equal(probs.argmax(-1), rec["expert_ids"][:, :, 0])
+    # The kept weights are the softmax over the two chosen logits: their probabilities renormalised.
+    top2 = np.take_along_axis(probs, rec["expert_ids"].astype(np.int64), -1)
+    np.testing.assert_allclose(rec["weights"], top2 / top2.sum(-1, keepdims=True), atol=3e-3)
+
+
 def test_max_tokens_caps_and_says_so(tmp_path):
     s = run_analysis(
         routed_model(), None, {"a": [A, A], "b": [B]}, tmp_path, max_tokens=10, progress=False, plots=False

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="numbers only: skip the PNGs (faster)")
     p.add_argument("--view-docs", type=int, default=2, help="documents per domain in the token view")
     p.add_argument(
+        "--view-layers", default=None, help="token-view layers, comma-separated (default first,middle,last)"
+    )
+    p.add_argument(
         "--min-count", type=int, default=5, help="occurrences a token needs for the top-tokens tables"
     )
     p.set_defaults(func=_analyze)
@@ -120,7 +123,7 @@ def _analyze(args: argparse.Namespace) -> int:
     cfg = smoe.load_config(args.model)
     if not cfg.is_moe:
         raise ValueError(f"{args.model}: a dense checkpoint (num_experts == 1) has no router to analyse")
-    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",") if x.strip()]
+    layers = None if args.layers == "all" else _int_list(args.layers)
     domains, labels, total = collect_domains(args.data, args.split)
     torch.set_grad_enabled(False)
     model = smoe.load_model(args.model, dtype=args.dtype, device=args.device)
@@ -142,6 +145,7 @@ def _analyze(args: argparse.Namespace) -> int:
         model_name=str(args.model),
         corpus_name="; ".join(labels),
         view_docs=args.view_docs,
+        view_layers=_int_list(args.view_layers) if args.view_layers else None,
         min_count=args.min_count,
         expected_tokens=total or args.max_tokens,
         plots=not args.no_plots,
@@ -151,6 +155,13 @@ def _analyze(args: argparse.Namespace) -> int:
         if summary["paths"][key]:
             print(f"{key:>13}: {summary['paths'][key]}")
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def summary_table(summary: dict, show: list[int]) -> str:
