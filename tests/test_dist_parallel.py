@@ -73,8 +73,8 @@ def make_model(biased: bool = True, dispatch: str = "reference") -> smoe.Transfo
     return model
 
 
-def global_batch(world: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(2)
+def global_batch(world: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, CFG.vocab_size, (ROWS_PER_RANK * world, SEQ + 1), generator=gen)
 
 

@@ -81,7 +81,13 @@ def apply_fsdp(model: nn.Module, pmesh: ParallelMesh) -> nn.Module:
             # The router is dense: shard it over everyone before the MoE group claims it.
             fully_shard(moe.gate, mesh=pmesh.world, mp_policy=mp)
             fully_shard(moe, mesh=pmesh.dp, mp_policy=mp)
+            # Divide by N, not dp (see the module docstring). For dp > 1: plain SUM then a
+            # division, as gloo has no PREMUL_SUM (FSDP's choice for a custom factor). Not for
+            # dp == 1: FSDP2 (torch 2.13) then skips the collective and divides by the factor
+            # itself, and forced SUM would divide a second time (gradients halved, seen in tests).
             moe.set_gradient_divide_factor(float(pmesh.world_size))
+            if pmesh.cfg.dp > 1:
+                moe.set_force_sum_reduction_for_comms(True)
     for block in getattr(model, "layers", []):
         fully_shard(block, mesh=pmesh.world, mp_policy=mp)
     fully_shard(model, mesh=pmesh.world, mp_policy=mp)
