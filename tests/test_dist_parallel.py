@@ -126,7 +126,7 @@ def init(rank: int, world: int, port: int) -> None:
     assert sd.init_distributed(timeout_s=60)
 
 
-def train_worker(rank: int, world: int, port: int, out_dir: str, layouts: list[str]) -> None:
+def train_worker(rank: int, world: int, port: int, out_dir: str, layouts: list[str], bf16_layouts=()) -> None:
     init(rank, world, port)
     results = {}
     try:
@@ -147,6 +147,16 @@ def train_worker(rank: int, world: int, port: int, out_dir: str, layouts: list[s
             results[name] = dict(loss=mean_loss / world, grads=grads, norm=norm, logits=logits, params=params)
             if name == layouts[-1]:  # a checkpoint of the last (most sharded) layout
                 sd.save_distributed(model, os.path.join(out_dir, "ckpt"))
+        for name in bf16_layouts:  # FSDP2 MixedPrecisionPolicy: bf16 compute, fp32 reduction
+            model = sd.parallelize(
+                make_model(),
+                sd.ParallelConfig(ep=LAYOUTS[name][0]["ep"], data_parallel="fsdp", param_dtype="bf16"),
+            )
+            loss = local_loss(model, sd.shard_batch(global_batch(world)), pieces=1).float()
+            loss.backward()
+            loss = loss.detach()
+            torch.distributed.all_reduce(loss)
+            results[name + "_bf16"] = dict(loss=loss / world, grads=sd.gather_full_params(model, grads=True))
         try:
             sd.parallelize(make_model(), sd.ParallelConfig(ep=3))
         except sd.MeshError as e:
@@ -178,7 +188,7 @@ def check_layout(results: dict, ref: dict, name: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist2")
-    spawn(train_worker, 2, str(out), list(LAYOUTS))
+    spawn(train_worker, 2, str(out), list(LAYOUTS), ["fsdp", "ep_fsdp"])
     return torch.load(out / "results.pt", weights_only=False), out
 
 
@@ -195,6 +205,17 @@ def ref2():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_one_step_matches_single_process(two_rank_run, ref2, layout):
     check_layout(two_rank_run[0], ref2, layout)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "ep_fsdp"])
+def test_bf16_params_stay_close_to_fp32(two_rank_run, ref2, layout):
+    """bf16 has 8 bits of mantissa: loss within 1%, each gradient within 5% (relative L2)."""
+    got = two_rank_run[0][layout + "_bf16"]
+    assert got["grads"]["output.weight"].dtype == torch.float32  # fp32 master grads
+    assert abs(got["loss"] - ref2["loss"]) < 0.01 * ref2["loss"]
+    for k, g in ref2["grads"].items():
+        err = float((got["grads"][k] - g).norm() / g.norm())
+        assert err < 0.05, (k, err)
 
 
 def test_distributed_checkpoint_loads_in_one_process(two_rank_run, ref2):
