@@ -17,19 +17,17 @@ from smoe.dispatch.gather import _gather_host_loop, _gather_index_select
 from test_dispatch_common import assert_matches_reference, make_problem
 
 
-def sorted_loop(*args):
-    """The sorted engine with its grouped_mm path switched off: the loop fallback."""
-    original = sorted_mod.can_grouped_mm
-    sorted_mod.can_grouped_mm = lambda *a: False
-    try:
-        return sorted_mod.sorted_dispatch(*args)
-    finally:
-        sorted_mod.can_grouped_mm = original
+def sorted_grouped(*args):
+    """The sorted engine forced onto torch._grouped_mm where the shapes allow it (the CPU
+    default is the loop)."""
+    x_TD, _, _, w1, w2, w3 = args
+    grouped = sorted_mod.can_grouped_mm(x_TD.contiguous(), w1, w2, w3)
+    return sorted_mod.sorted_dispatch(*args, grouped=grouped)
 
 
 CPU_ENGINES = {
     "sorted": ENGINES["sorted"],
-    "sorted_loop": sorted_loop,
+    "sorted_grouped_mm": sorted_grouped,
     "gather_host_loop": _gather_host_loop,
     "gather_index_select": _gather_index_select,  # the accelerator path, run here on CPU
     "auto": ENGINES["auto"],
@@ -41,7 +39,7 @@ def problems(draw):
     E = draw(st.integers(1, 6))
     K = draw(st.integers(1, E))
     T = draw(st.integers(0, 12))
-    # D, F multiples of 4 take torch._grouped_mm (16-byte rows in float32); others the loop.
+    # D, F multiples of 4 can take torch._grouped_mm (16-byte rows in float32); others cannot.
     D = draw(st.sampled_from([4, 8, 12, 5, 7]))
     F = draw(st.sampled_from([8, 16, 6, 9]))
     return T, D, F, E, K, draw(st.integers(0, 2**16))
@@ -72,6 +70,8 @@ def edge_cases():
         "experts_without_tokens": (None, torch.tensor([[0, 2]] * T)),
         "K_equals_E": (make_problem(T, 8, 16, 3, 3), None),
         "K1": (make_problem(T, 8, 16, E, 1), None),
+        # More rows per expert than loop_experts.ROW_BY_ROW_MAX: whole products, not rows.
+        "many_rows_per_expert": (make_problem(48, 8, 16, 2, 1), None),
         # Expert id E marks an assignment dropped by the capacity limit: it contributes nothing.
         "dropped_assignments": (None, torch.tensor([[0, E], [E, 1], [E, E], [4, 0], [1, 2]] + [[2, 3]] * 4)),
     }

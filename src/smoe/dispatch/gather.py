@@ -18,23 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smoe.dispatch.reference import swiglu
+from smoe.dispatch.sorted_engine import sorted_dispatch
 
 
 def _gather_host_loop(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
-    E, K = w1_EFD.shape[0], expert_ids_TK.shape[1]
-    rows: dict[int, list[int]] = {}
-    for a, e in enumerate(expert_ids_TK.reshape(-1).tolist()):
-        if e < E:  # e == E marks a dropped assignment
-            rows.setdefault(e, []).append(a)
-    y_TD = x_TD.new_zeros(x_TD.shape)
-    weights_A = weights_TK.reshape(-1)
-    for e, assignments in rows.items():
-        a_N = torch.tensor(assignments, device=x_TD.device)
-        token_N = a_N // K
-        out_ND = swiglu(x_TD[token_N], w1_EFD[e], w2_EDF[e], w3_EFD[e])
-        y_TD = y_TD.index_add(0, token_N, out_ND * weights_A[a_N].to(out_ND.dtype).unsqueeze(-1))
-    return y_TD
+    """Views of the chosen experts' weights, one SwiGLU per chosen expert on its rows: the
+    sorted engine's loop, which reads the per-expert counts on the host and skips empty experts."""
+    return sorted_dispatch(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD, grouped=False)
 
 
 def _gather_index_select(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:

@@ -8,19 +8,21 @@ Example, T=3, K=2, E=3, expert_ids = [[2, 0], [0, 1], [2, 1]]:
     sorted rows  [1, 2, 3, 5, 0, 4]   (stable: token order within each expert)
     counts       [2, 2, 2]  -> offsets [2, 4, 6]
 so x rows [0, 1, 1, 2, 0, 2] go through expert 0 (rows 0-1), 1 (rows 2-3), 2 (rows 4-5) in
-three grouped products, w1 and w3 up and w2 down, and each row is added back into its token.
+three grouped products, w1 and w3 up and w2 down; each row then goes back to its token, where
+the K rows are summed with the routing weights (permute.combine).
 
 ``torch._grouped_mm`` does the grouped products where this build has it for the device and
-dtype (CPU: float32/bfloat16/float16 with 16-byte aligned strides; CUDA: bfloat16 on sm80+).
-Elsewhere a loop over experts with one host read of the counts does the same work.
+dtype (CPU: float32/bfloat16/float16 with 16-byte aligned strides; CUDA: bfloat16 on sm80+),
+but on CPU the loop over experts (loop_experts.py) is faster and is the default there; the
+loop reads the per-expert counts on the host once (free on CPU, a sync on accelerators).
 """
 
 from __future__ import annotations
 
 import torch
 
-from smoe.dispatch.permute import Permutation, sort_by_expert
-from smoe.dispatch.reference import swiglu
+from smoe.dispatch.loop_experts import LoopExperts
+from smoe.dispatch.permute import Permutation, combine, sort_by_expert, tokens_to_rows
 
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,7 +47,7 @@ def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
 def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     offs_E = p.counts_E.cumsum(0).to(torch.int32)
     # Rows past offs[-1] (dropped assignments) are left unwritten by grouped_mm, in the forward
-    # and in its input gradient. Zeroing them on the way in masks that gradient; the caller
+    # and in its input gradient. Zeroing them on the way in masks that gradient; combine()
     # masks the output rows.
     x_AD = torch.where(p.valid_A1, x_AD, 0)
     h1_AF = torch._grouped_mm(x_AD, w1_EFD.transpose(-2, -1), offs=offs_E)
@@ -56,14 +58,7 @@ def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD)
 
 def _experts_loop(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     counts = p.counts_E.tolist()  # the one host read of this path (a sync on accelerators)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            outs.append(swiglu(x_AD[start : start + n], w1_EFD[e], w2_EDF[e], w3_EFD[e]))
-        start += n
-    if start < x_AD.shape[0]:  # dropped assignments, sorted last
-        outs.append(x_AD.new_zeros(x_AD.shape[0] - start, w2_EDF.shape[1]))
-    return torch.cat(outs) if outs else x_AD.new_zeros(0, w2_EDF.shape[1])
+    return LoopExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, counts)
 
 
 def sorted_dispatch(
@@ -73,13 +68,15 @@ def sorted_dispatch(
     w1_EFD: torch.Tensor,
     w2_EDF: torch.Tensor,
     w3_EFD: torch.Tensor,
+    grouped: bool | None = None,
 ) -> torch.Tensor:
+    """``grouped``: True for torch._grouped_mm, False for the loop (loop_experts.py), None to
+    choose: grouped_mm on accelerators where it runs, the loop on CPU. This CPU build's
+    grouped_mm is itself a loop of per-expert products (seen in the profiler) and so shares the
+    loop's few-row slowness (loop_experts.py) without its remedy."""
     p = sort_by_expert(expert_ids_TK, w1_EFD.shape[0])
-    x_AD = x_TD.index_select(0, p.token_A)
-    if can_grouped_mm(x_AD, w1_EFD, w2_EDF, w3_EFD):
-        o_AD = _experts_grouped(x_AD, p, w1_EFD, w2_EDF, w3_EFD)
-    else:
-        o_AD = _experts_loop(x_AD, p, w1_EFD, w2_EDF, w3_EFD)
-    gate_A1 = weights_TK.reshape(-1)[p.order_A].to(o_AD.dtype).unsqueeze(-1)
-    o_AD = torch.where(p.valid_A1, o_AD * gate_A1, 0)
-    return x_TD.new_zeros(x_TD.shape).index_add(0, p.token_A, o_AD)
+    x_AD = tokens_to_rows(x_TD, p)
+    if grouped is None:
+        grouped = x_TD.device.type != "cpu" and can_grouped_mm(x_AD, w1_EFD, w2_EDF, w3_EFD)
+    experts = _experts_grouped if grouped else _experts_loop
+    return combine(experts(x_AD, p, w1_EFD, w2_EDF, w3_EFD), p, weights_TK)

@@ -104,7 +104,7 @@ def _wgrad(plan: Plan, dc, a, E: int, *, dc_idx=None, a_idx=None) -> torch.Tenso
         dc, dc_idx if dc_idx is not None else plan.order_R, a, a_idx if a_idx is not None else plan.token_R,
         dw, plan.row_end_E, plan.counts_E, N, K,
         HAS_DC_IDX=dc_idx is not None, HAS_A_IDX=a_idx is not None,
-        BN=BN, BK=BK, BR=32, **_dot_args(a.dtype), num_warps=8, num_stages=3,
+        BN=BN, BK=BK, BR=64, **_dot_args(a.dtype), num_warps=8, num_stages=3,
     )  # fmt: skip
     return dw
 

@@ -1,0 +1,167 @@
+"""CPU benchmark of one MoE layer: smoe's dispatch engines vs transformers' MixtralSparseMoeBlock
+(its default "grouped_mm" experts and "eager"; "batched_mm" at small T) vs an equal-work floor,
+all in one process on the same weights, interleaved, medians of repeats.
+
+    python benchmarks/moe_layer.py            # dim 1024, hidden 3584, E 8, k 2, T in 1 16 512 4096
+    python benchmarks/moe_layer.py --quick    # tiny shapes, seconds
+
+Floors (no routing, no permutation, inputs pre-sliced):
+    flop     T*k rows through ONE expert's SwiGLU: the same FLOPs, one weight read.
+    touched  each touched expert's SwiGLU on exactly its rows: the same work per expert.
+The target floor is "touched" for T < 512 (reading weights dominates) and "flop" from 512 up.
+Times are whole blocks (router + experts) for smoe's MoE and transformers' block; the floors
+have no router. Legend: T tokens, D dim, F hidden, E experts, K chosen experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from smoe.config import ModelConfig
+from smoe.dispatch import ENGINES, choose_engine
+from smoe.dispatch import sorted_engine as sorted_mod
+from smoe.dispatch.reference import swiglu
+from smoe.model.moe import MoE
+
+
+def sorted_loop(*args):
+    """The sorted engine with torch._grouped_mm switched off: its loop fallback."""
+    return sorted_mod.sorted_dispatch(*args, grouped=False)
+
+
+def build(D: int, F: int, E: int, K: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, n_layers=1, n_heads=1, n_kv_heads=1)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p, fan_in in ((moe.gate.weight, D), (moe.w1, D), (moe.w2, F), (moe.w3, D)):
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return moe
+
+
+def hf_block(moe: MoE, implementation: str):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    E, F, D = moe.w1.shape
+    cfg = MixtralConfig(
+        hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=moe.gate.top_k
+    )
+    cfg._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.gate.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([moe.w1, moe.w3], dim=1))
+        block.experts.down_proj.copy_(moe.w2)
+    return block
+
+
+def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
+    """name -> (module or function of x, parameters whose gradients the backward computes)."""
+    T, K = x_BTD.shape[1], moe.gate.top_k
+    E = moe.num_experts
+    out = {}
+    for name, engine in [("smoe auto", ENGINES["auto"]), ("smoe sorted", ENGINES["sorted"]),
+                         ("smoe sorted-loop", sorted_loop), ("smoe gather", ENGINES["gather"]),
+                         ("smoe reference", ENGINES["reference"])]:  # fmt: skip
+        out[name] = (
+            lambda x, engine=engine: (setattr(moe, "engine", engine), moe(x)[0])[1],
+            list(moe.parameters()),
+        )
+    impls = ["grouped_mm", "eager"] + (
+        ["batched_mm"] if T * K <= 64 else []
+    )  # batched_mm copies weights per row
+    for impl in impls:
+        block = hf_block(moe, impl)
+        out[f"hf {impl}"] = (block, list(block.parameters()))
+    # Floors: routing decided up front, rows pre-sliced and contiguous.
+    with torch.no_grad():
+        ids_TK = moe.gate(x_BTD[0]).expert_ids_TK
+    w1, w2, w3 = (moe.w1.detach().clone(), moe.w2.detach().clone(), moe.w3.detach().clone())
+    ws = [w.requires_grad_() for w in (w1, w2, w3)]
+    x_rows = x_BTD[0].repeat_interleave(K, dim=0).detach()
+    out["floor flop"] = (lambda x: swiglu(x_rows.requires_grad_(x.requires_grad), w1[0], w2[0], w3[0]), ws)
+    groups = []
+    for e in range(E):
+        token_N = (ids_TK == e).nonzero()[:, 0]
+        if token_N.numel():
+            groups.append((e, x_BTD[0, token_N].detach().contiguous()))
+
+    def touched(x):
+        return [swiglu(xe.requires_grad_(x.requires_grad), w1[e], w2[e], w3[e]) for e, xe in groups]
+
+    out["floor touched"] = (touched, ws)
+    return {n: c for n, c in out.items() if quick_names is None or n in quick_names}
+
+
+def time_once(fn, x_BTD, backward: bool) -> float:
+    x = x_BTD.detach().requires_grad_(backward)
+    t0 = time.perf_counter()
+    if backward:
+        y = fn(x)
+        ys = y if isinstance(y, list) else [y]
+        torch.autograd.backward(ys, [torch.ones_like(t) for t in ys])
+    else:
+        with torch.no_grad():
+            fn(x)
+    return time.perf_counter() - t0
+
+
+def bench(moe, T, repeats, backward, names):
+    D = moe.w1.shape[2]
+    x_BTD = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
+    cands = candidates(moe, x_BTD, names)
+    times = {n: [] for n in cands}
+    for r in range(repeats + 1):  # round 0 warms up; rounds interleave candidates against drift
+        for name, (fn, params) in cands.items():
+            for p in params:
+                p.grad = None
+            dt = time_once(fn, x_BTD, backward)
+            if r:
+                times[name].append(dt)
+    return {n: statistics.median(t) for n, t in times.items()}, choose_engine(
+        x_BTD[0], torch.empty(T, moe.gate.top_k), moe.num_experts
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes")
+    ap.add_argument("--tokens", type=int, nargs="*", help="token counts T")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--only", nargs="*", help="candidate names to run (default all)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    D, F, E, K = (64, 224, 8, 2) if args.quick else (1024, 3584, 8, 2)
+    tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 512, 4096])
+    moe = build(D, F, E, K)
+    rows = []
+    for mode in args.modes:
+        for T in tokens:
+            med, auto_choice = bench(moe, T, args.repeats, mode == "fwd+bwd", args.only)
+            rows.append((mode, T, auto_choice, med))
+            print(f"{mode} T={T}: " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in med.items()), flush=True)
+    print(f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, median of {args.repeats}\n")
+    names = list(rows[0][3])
+    print(
+        "| mode | T | auto runs | "
+        + " | ".join(f"{n} ms" for n in names)
+        + " | auto / hf best | auto / floor |"
+    )
+    print("|" + "---|" * (len(names) + 5))
+    for mode, T, choice, med in rows:
+        hf_best = min((t for n, t in med.items() if n.startswith("hf ")), default=float("nan"))
+        floor = med.get("floor touched" if T < 512 else "floor flop", float("nan"))
+        auto = med.get("smoe auto", float("nan"))
+        cells = " | ".join(f"{1e3 * med[n]:.2f}" if n in med else "-" for n in names)
+        print(f"| {mode} | {T} | {choice} | {cells} | {auto / hf_best:.2f} | {auto / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The dispatch benchmark scripts run end to end on tiny shapes and print their table last."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(out: str) -> list[str]:
+    lines = out.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if not line.startswith("|")) + 1
+    assert all(line.startswith("|") for line in lines[start:]), "the table must come last"
+    return lines[start:]
+
+
+@pytest.mark.slow
+def test_gpu_moe_tiny_runs(capsys):
+    load("gpu_moe").main(["--tiny", "--iters", "1", "--tokens", "1", "24"])
+    rows = table(capsys.readouterr().out)
+    assert rows[0].startswith("| T | mode | engine |")
+    body = rows[2:]
+    for T in (1, 24):
+        for mode in ("fwd", "fwd+bwd"):
+            for engine in ("smoe auto", "smoe sorted", "hf grouped_mm", "hf eager"):
+                assert any(r.startswith(f"| {T} | {mode} | {engine} |") for r in body), (T, mode, engine)
+
+
+@pytest.mark.slow
+def test_moe_layer_quick_runs(capsys):
+    load("moe_layer").main(["--quick", "--repeats", "1", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd"])
+    rows = table(capsys.readouterr().out)
+    assert "smoe auto ms" in rows[0] and "floor flop ms" in rows[0]
+    assert len(rows) == 2 + 4
