@@ -113,7 +113,9 @@ class KVCache:
         if self._write_idx_BGTd is None:
             raise RuntimeError("KVCache.update called before KVCache.mask in this forward")
         kc_BGSd, vc_BGSd = self.k_BGSd[layer], self.v_BGSd[layer]
-        k_new, v_new = k_BGTd[:, :, self._skip :], v_BGTd[:, :, self._skip :]
+        k_new, v_new = k_BGTd, v_BGTd
+        if self._skip:
+            k_new, v_new = k_BGTd[:, :, self._skip :], v_BGTd[:, :, self._skip :]
         if self._concat:
             k_all = torch.cat([kc_BGSd, k_BGTd], dim=2)  # copies the old slots before the write
             v_all = torch.cat([vc_BGSd, v_BGTd], dim=2)

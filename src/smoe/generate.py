@@ -110,6 +110,8 @@ class Generator:
 
     ``compile=True`` wraps the single-token decode step in ``torch.compile`` (static shapes,
     the cache is reused between calls of the same batch size and length); prefill stays eager.
+    On CPU it does not pay today: the gather engine reads expert ids on the host, so dynamo
+    recompiles per expert id, and the sorted engine's grouped_mm does not trace in float32.
     ``cpu_layout=True`` applies ``relayout_for_cpu_decode`` to the model (in place).
     """
 
