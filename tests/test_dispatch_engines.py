@@ -125,3 +125,13 @@ def test_auto_resolves_per_call():
     assert get_engine("auto") is ENGINES["auto"]
     with pytest.raises(ValueError, match="unknown dispatch engine 'nope'"):
         get_engine("nope")
+
+
+@pytest.mark.parametrize("T", [3, 48])
+def test_row_by_row_products(monkeypatch, T):
+    """Row-by-row products (used for few rows of large weights) equal the reference too."""
+    from smoe.dispatch import loop_experts
+
+    monkeypatch.setattr(loop_experts, "ROW_BY_ROW_MIN_WEIGHT", 0)
+    assert loop_experts.row_by_row(3, torch.empty(4, 4))
+    assert_matches_reference(ENGINES["sorted"], make_problem(T, 8, 16, 3, 2, seed=T))

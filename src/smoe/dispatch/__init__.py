@@ -36,8 +36,9 @@ Engine = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 ]
 
-# On CPU the gather engine wins while the assignments are few enough that a Python loop over the
-# chosen experts costs less than sorting (measured in benchmarks/moe_layer.py, docs/benchmarks.md).
+# Up to this many assignments auto picks "gather" on CPU. There gather and sorted run the same
+# loop over the chosen experts (loop_experts.py), so the split only names the regime; on
+# accelerators gather's weight copies pay off only while T * K <= E.
 GATHER_MAX_ASSIGNMENTS = 32
 
 

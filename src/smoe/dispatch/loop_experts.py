@@ -11,8 +11,8 @@ zeros once.
 
 Why rows one by one for small N: on this CPU build (MKL, AVX2 on AMD EPYC) a product with
 2 <= N <= 16 rows costs about the same as with 32 (about 40 ms for a 3584 x 1024 weight,
-measured), while a single row (matrix-vector) costs about 1 ms. Below ROW_BY_ROW_MAX rows we
-therefore use one matrix-vector product per row. The weight-gradient products (N as the
+measured), while a single row (matrix-vector) costs about 1 ms. Up to ROW_BY_ROW_MAX rows of
+a large weight we therefore use one matrix-vector product per row. The weight-gradient products (N as the
 reduction dimension) do not show the problem and stay whole.
 """
 
@@ -22,11 +22,16 @@ import torch
 import torch.nn.functional as F
 
 ROW_BY_ROW_MAX = 16
+ROW_BY_ROW_MIN_WEIGHT = 1 << 20  # elements; for small weights the Python loop costs more
+
+
+def row_by_row(num_rows: int, w_MK: torch.Tensor) -> bool:
+    return num_rows <= ROW_BY_ROW_MAX and w_MK.numel() >= ROW_BY_ROW_MIN_WEIGHT and w_MK.device.type == "cpu"
 
 
 def _rows_times_wt(x_ND: torch.Tensor, w_MK: torch.Tensor, out_NM: torch.Tensor) -> None:
     """out = x @ w^T, row by row when there are few rows (see the module docstring)."""
-    if x_ND.shape[0] <= ROW_BY_ROW_MAX and x_ND.device.type == "cpu":
+    if row_by_row(x_ND.shape[0], w_MK):
         for i in range(x_ND.shape[0]):
             torch.mv(w_MK, x_ND[i], out=out_NM[i])
     else:
