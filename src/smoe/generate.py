@@ -31,6 +31,7 @@ from smoe.sampling import SamplingConfig, make_generators, sample
 from smoe.textstream import TextStream
 
 PAD_ID = 0  # what padding feeds the embedding; its outputs are never used
+DEFAULT_EOS_ID = 2  # Mixtral's </s>, used when the Generator has no tokenizer
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class Generator:
         if not sampling.greedy:
             seed = secrets.randbits(62) if cfg.seed is None else cfg.seed
             gens = make_generators([seed + b for b in range(B)], device)
-        eos = self.tokenizer.eos_id if self.tokenizer is not None else 2
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else DEFAULT_EOS_ID
         pos_B1 = torch.tensor(lens, device=device).unsqueeze(1)
         done: list[str | None] = [None] * B
         next_B = sample(logits_BV, sampling, gens)
