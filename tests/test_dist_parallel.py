@@ -33,7 +33,7 @@ CFG = ModelConfig(
     dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=97,
     max_seq_len=64, num_experts=4, top_k=2, dispatch="reference",
 )  # fmt: skip
-SEQ, ROWS_PER_RANK, LR, MAX_NORM = 8, 2, 0.5, 0.05
+SEQ, ROWS_PER_RANK, LR, MAX_NORM, CAPACITY = 8, 2, 0.5, 0.05, 0.75
 AUX, ZLOSS = 0.02, 1e-3
 # layout -> (parallel config, the local dispatch engine the model runs)
 LAYOUTS = {
@@ -60,8 +60,8 @@ class BiasedRouter(Router):
         return RouterOutput(logits_TE, ids_TK, torch.softmax(top_TK, dim=-1))
 
 
-def make_model(biased: bool = True, dispatch: str = "reference") -> smoe.Transformer:
-    model = smoe.build_model(CFG.replace(dispatch=dispatch), seed=0)
+def make_model(biased: bool = True, dispatch: str = "reference", **changes) -> smoe.Transformer:
+    model = smoe.build_model(CFG.replace(dispatch=dispatch, **changes), seed=0)
     with torch.no_grad():  # random norms, so their gradients are tested too
         gen = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -157,6 +157,16 @@ def train_worker(rank: int, world: int, port: int, out_dir: str, layouts: list[s
             loss = loss.detach()
             torch.distributed.all_reduce(loss)
             results[name + "_bf16"] = dict(loss=loss / world, grads=sd.gather_full_params(model, grads=True))
+        # Capacity limit under EP: each rank drops over its own tokens, so rank r's logits and
+        # loss are those of one process on rank r's rows alone.
+        model = sd.parallelize(make_model(capacity_factor=CAPACITY), sd.ParallelConfig(ep=2))
+        tokens = sd.shard_batch(global_batch(world))
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, CFG.vocab_size), tokens[:, 1:].reshape(-1)).backward()
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        torch.distributed.all_gather(parts, logits.detach())
+        grads = sd.gather_full_params(model, grads=True)
+        results["capacity"] = dict(logits=torch.cat(parts), grads=grads)
         try:
             sd.parallelize(make_model(), sd.ParallelConfig(ep=3))
         except sd.MeshError as e:
@@ -216,6 +226,24 @@ def test_bf16_params_stay_close_to_fp32(two_rank_run, ref2, layout):
     for k, g in ref2["grads"].items():
         err = float((got["grads"][k] - g).norm() / g.norm())
         assert err < 0.05, (k, err)
+
+
+def test_capacity_drops_under_ep_match_per_rank_single_process(two_rank_run):
+    model = make_model(capacity_factor=CAPACITY)
+    tokens = global_batch(2)
+    logits, dropped, loss = [], 0, 0.0
+    for r in range(2):
+        rows = tokens[r * ROWS_PER_RANK : (r + 1) * ROWS_PER_RANK]
+        out, routing = model(rows[:, :-1], return_router=True)
+        logits.append(out.detach())
+        dropped += sum(int(o.dropped_TK.sum()) for o in routing)
+        loss = loss + F.cross_entropy(out.reshape(-1, CFG.vocab_size), rows[:, 1:].reshape(-1)) / 2
+    loss.backward()
+    assert dropped > 0  # the limit really drops assignments here
+    got = two_rank_run[0]["capacity"]
+    _close(got["logits"], torch.cat(logits), "logits with a capacity limit under EP")
+    for k, p in model.named_parameters():
+        _close(got["grads"][k], p.grad, f"grad with a capacity limit under EP {k}")
 
 
 def test_distributed_checkpoint_loads_in_one_process(two_rank_run, ref2):
