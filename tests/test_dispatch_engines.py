@@ -135,3 +135,20 @@ def test_row_by_row_products(monkeypatch, T):
     monkeypatch.setattr(loop_experts, "ROW_BY_ROW_MIN_WEIGHT", 0)
     assert loop_experts.row_by_row(3, torch.empty(4, 4))
     assert_matches_reference(ENGINES["sorted"], make_problem(T, 8, 16, 3, 2, seed=T))
+
+
+def test_padded_and_loop_paths_are_both_taken():
+    """Balanced routing takes the padded batched products, skewed routing the loop."""
+    from smoe.dispatch.padded_experts import use_padded
+
+    assert use_padded([5, 5, 4, 5]) and not use_padded([9, 1, 5, 5]) and not use_padded([0, 0])
+    balanced = torch.arange(24).remainder(4).view(12, 2)  # every expert 6 rows
+    skewed = torch.tensor([[0, 1]] * 10 + [[2, 3]] * 2)
+    for ids in (balanced, skewed):
+        for dropped in (False, True):
+            ids_TK = (
+                ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.2, 4)
+                if dropped
+                else ids
+            )
+            assert_matches_reference(ENGINES["sorted"], make_problem(12, 8, 16, 4, 2, ids_TK=ids_TK))

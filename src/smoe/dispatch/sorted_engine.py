@@ -13,8 +13,10 @@ the K rows are summed with the routing weights (permute.combine).
 
 ``torch._grouped_mm`` does the grouped products where this build has it for the device and
 dtype (CPU: float32/bfloat16/float16 with 16-byte aligned strides; CUDA: bfloat16 on sm80+),
-but on CPU the loop over experts (loop_experts.py) is faster and is the default there; the
-loop reads the per-expert counts on the host once (free on CPU, a sync on accelerators).
+but on CPU two other ways are faster and are the default there: batched products over
+experts padded to equal rows while routing is balanced (padded_experts.py), else a loop over
+the chosen experts (loop_experts.py). Both read the per-expert counts on the host once (free
+on CPU, a sync on accelerators).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from smoe.dispatch.loop_experts import LoopExperts
+from smoe.dispatch.padded_experts import PaddedExperts, use_padded
 from smoe.dispatch.permute import Permutation, combine, sort_by_expert, tokens_to_rows
 
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,7 +61,8 @@ def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD)
 
 def _experts_loop(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     counts = p.counts_E.tolist()  # the one host read of this path (a sync on accelerators)
-    return LoopExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, counts)
+    experts = PaddedExperts if use_padded(counts) else LoopExperts  # see padded_experts.py
+    return experts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, counts)
 
 
 def sorted_dispatch(
