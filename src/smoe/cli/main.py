@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "smoe.cli.data_cmds",
     "smoe.cli.analyze_cmds",
     "smoe.cli.train_cmds",
+    "smoe.cli.demo",
 ]
 
 
