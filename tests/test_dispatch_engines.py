@@ -152,3 +152,9 @@ def test_padded_and_loop_paths_are_both_taken():
                 else ids
             )
             assert_matches_reference(ENGINES["sorted"], make_problem(12, 8, 16, 4, 2, ids_TK=ids_TK))
+
+
+def test_triton_on_cpu_fails_loudly(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((ValueError, ImportError), match="triton"):
+        ENGINES["triton"](*make_problem(2, 8, 16, 4, 2))

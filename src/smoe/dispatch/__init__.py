@@ -23,6 +23,7 @@ Engines:
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from functools import cache
 
@@ -49,6 +50,13 @@ def triton_available() -> bool:
 
 def triton_dispatch(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     """The Triton engine, imported on first use so that smoe runs without triton installed."""
+    if not triton_available():
+        raise ImportError("dispatch engine 'triton' needs the triton package (pip install 'smoe[triton]')")
+    if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"dispatch engine 'triton' runs on CUDA tensors (got {x_TD.device}); on CPU only under "
+            "TRITON_INTERPRET=1 (tests). Use 'auto', 'sorted' or 'gather' instead."
+        )
     from smoe.dispatch.triton_engine import triton_dispatch as impl
 
     return impl(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD)
