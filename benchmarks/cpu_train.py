@@ -1,0 +1,128 @@
+"""CPU training throughput: smoe's train_step against transformers' MixtralForCausalLM on the
+same config, batch and optimizer, and the SMoE step against a dense model with the same active
+parameters (hidden_dim = top_k * expert hidden), measured interleaved in one run.
+
+    python benchmarks/cpu_train.py                # `small` preset, fp32, batch 8x256
+    python benchmarks/cpu_train.py --tiny         # seconds; checks that the script runs
+
+Every step is forward + loss (with the 0.02 load-balancing loss on both sides) + backward +
+AdamW. The steps of the three models alternate, so machine noise hits them alike; the table
+gives median tokens/s and the ratios of medians. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from smoe.config import ModelConfig  # noqa: E402
+from smoe.model.transformer import build_model  # noqa: E402
+from smoe.train.config import TrainConfig  # noqa: E402
+from smoe.train.data import Batch  # noqa: E402
+from smoe.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from smoe.train.step import train_step  # noqa: E402
+
+
+def smoe_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
+    model = build_model(cfg, seed=0)
+    opt = build_optimizer(model, tcfg)
+    sched = build_scheduler(opt, tcfg)
+    return lambda: train_step(model, opt, sched, [batch], tcfg)
+
+
+def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
+    import transformers
+
+    hf_cfg = transformers.MixtralConfig(
+        **{**cfg.to_hf(), "output_router_logits": True, "router_aux_loss_coef": 0.02}
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(hf_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), foreach=True)
+    inputs = batch.inputs_BT  # the same B x T tokens through the model; HF shifts the labels itself
+
+    def step():
+        out = model(input_ids=inputs, labels=inputs)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model (after one warmup step)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dispatch", default="auto")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and batch (smoke test)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.tiny:
+        cfg = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=128,
+                          max_seq_len=64, num_experts=4, top_k=2)  # fmt: skip
+        args.batch, args.seq, args.steps = 2, 16, 2
+    else:
+        cfg = ModelConfig.preset(args.preset)
+    cfg = cfg.replace(dispatch=args.dispatch)
+    dense = cfg.replace(num_experts=1, top_k=1, hidden_dim=cfg.top_k * cfg.hidden_dim)
+    tcfg = TrainConfig(steps=1000, warmup_steps=1, lr=1e-4)
+    x = torch.randint(
+        0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)
+    )
+    batch = Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    steppers = {
+        "smoe": smoe_stepper(cfg, tcfg, batch),
+        "smoe dense (equal active)": smoe_stepper(dense, tcfg, batch),
+    }
+    if not args.no_hf:
+        steppers["transformers Mixtral"] = hf_stepper(cfg, tcfg, batch)
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for k, step in steppers.items():
+        step()  # warmup: allocator, oneDNN primitives
+    for _ in range(args.steps):
+        for k, step in steppers.items():
+            t0 = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [{"model": k, "tokens_per_s": tokens / med[k], "step_s": med[k]} for k in steppers]
+    print(
+        f"\nconfig: {args.preset if not args.tiny else 'tiny-test'} ({cfg.num_params() / 1e6:.1f}M params, "
+        f"{cfg.num_params(active=True) / 1e6:.1f}M active), dense twin hidden_dim={dense.hidden_dim} "
+        f"({dense.num_params() / 1e6:.1f}M), batch {args.batch}x{args.seq}, fp32, {args.threads} threads, "
+        f"dispatch={args.dispatch}, {args.steps} timed steps each, interleaved\n"
+    )
+    dense_key = "smoe dense (equal active)"
+    print("| model | median step (s) | tokens/s |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
+    ratios = {"smoe step time / dense (equal active) step time (target <= 1.3)": med["smoe"] / med[dense_key]}
+    if "transformers Mixtral" in med:
+        ratios["smoe tokens/s / transformers tokens/s (target >= 2)"] = (
+            med["transformers Mixtral"] / med["smoe"]
+        )
+    print("\n| ratio (medians, same run) | value |")
+    print("|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

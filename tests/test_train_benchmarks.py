@@ -1,0 +1,42 @@
+"""The training benchmark scripts run (tiny, on the CPU) and count FLOPs consistently."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from smoe.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_train_flops_match_active_params():
+    """6 x (active params - embedding table - norm weights) + causal attention 6*L*T*H*hd."""
+    gpu = _load("gpu_train")
+    cfg = ModelConfig(**gpu.ONE_B)
+    norms = cfg.n_layers * 2 * cfg.dim + cfg.dim
+    matmul = cfg.num_params(active=True) - cfg.vocab_size * cfg.dim - norms
+    T = 2048
+    assert gpu.flops_per_token(cfg, T) == 6 * matmul + 6 * cfg.n_layers * T * cfg.n_heads * cfg.head_dim
+    assert 0.9e9 < cfg.num_params() < 1.0e9  # "about 1B"
+
+
+@pytest.mark.slow
+def test_gpu_train_tiny_runs(capsys):
+    result = _load("gpu_train").main(["--tiny"])
+    assert result["tokens_per_s"] > 0 and result["loss"] > 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("|")
+
+
+@pytest.mark.slow
+def test_cpu_train_tiny_runs(capsys):
+    rows = _load("cpu_train").main(["--tiny"])
+    assert [r["model"] for r in rows] == ["smoe", "smoe dense (equal active)", "transformers Mixtral"]
+    assert "target >= 2" in capsys.readouterr().out
