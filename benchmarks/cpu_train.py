@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.no_hf:
         steppers["transformers Mixtral"] = hf_stepper(cfg, tcfg, batch)
     times: dict[str, list[float]] = {k: [] for k in steppers}
-    for k, step in steppers.items():
+    for step in steppers.values():
         step()  # warmup: allocator, oneDNN primitives
     for _ in range(args.steps):
         for k, step in steppers.items():
