@@ -9,7 +9,8 @@ Floors (no router, no permutation, inputs pre-sliced, plain autograd):
     flop     a dense SwiGLU: T*k rows through ONE expert's weights (same FLOPs, one weight read).
     touched  each touched expert's SwiGLU on exactly its rows (same work, same weights read);
              row by row for few rows, since whole products of 2..16 rows are pathologically
-             slow on this CPU build (see src/smoe/dispatch/loop_experts.py).
+             slow on this CPU build (see src/smoe/dispatch/loop_experts.py). With backward it
+             also zero-fills the three dense (E, F, D) weight gradients every engine returns.
 The target floor is "touched" for T < 512 (reading weights dominates) and "flop" from 512 up.
 Times are whole blocks (router + experts) for smoe's MoE and transformers' block; the floors
 have no router. Legend: T tokens, D dim, F hidden, E experts, K chosen experts per token.
@@ -99,7 +100,11 @@ def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
             ws += we
 
     def touched(x):
-        """Each expert on its rows; row by row where that is faster (as loop_experts.py does)."""
+        """Each expert on its rows; row by row where that is faster (as loop_experts.py does).
+        With gradients, also the three zeroed (E, F, D) gradient tensors that any engine must
+        produce for stacked weights (the per-expert leaves here would not)."""
+        if x.requires_grad:
+            [torch.zeros(w.shape) for w in (w1, w2, w3)]
         outs = []
         for we, xe in groups:
             xe.requires_grad_(x.requires_grad)
