@@ -13,6 +13,7 @@ gives median tokens/s and the ratios of medians. Prints a markdown table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,11 +28,14 @@ from smoe.model.transformer import build_model  # noqa: E402
 from smoe.train.config import TrainConfig  # noqa: E402
 from smoe.train.data import Batch  # noqa: E402
 from smoe.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from smoe.train.precision import wrap_engines_for_autocast  # noqa: E402
 from smoe.train.step import train_step  # noqa: E402
 
 
 def smoe_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
     model = build_model(cfg, seed=0)
+    if tcfg.dtype == "bf16":
+        wrap_engines_for_autocast(model)
     opt = build_optimizer(model, tcfg)
     sched = build_scheduler(opt, tcfg)
     return lambda: train_step(model, opt, sched, [batch], tcfg)
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dispatch", default="auto")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument(
+        "--bf16", action="store_true", help="also time smoe with bf16 autocast (fp32 master weights)"
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (smoke test)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "smoe": smoe_stepper(cfg, tcfg, batch),
         "smoe dense (equal active)": smoe_stepper(dense, tcfg, batch),
     }
+    if args.bf16:
+        steppers["smoe bf16 autocast"] = smoe_stepper(cfg, dataclasses.replace(tcfg, dtype="bf16"), batch)
     if not args.no_hf:
         steppers["transformers Mixtral"] = hf_stepper(cfg, tcfg, batch)
     times: dict[str, list[float]] = {k: [] for k in steppers}
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['model']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
     ratios = {"smoe step time / dense (equal active) step time (target <= 1.3)": med["smoe"] / med[dense_key]}
+    if "smoe bf16 autocast" in med:
+        ratios["smoe bf16 autocast tokens/s / smoe fp32 tokens/s"] = med["smoe"] / med["smoe bf16 autocast"]
     if "transformers Mixtral" in med:
         ratios["smoe tokens/s / transformers tokens/s (target >= 2)"] = (
             med["transformers Mixtral"] / med["smoe"]

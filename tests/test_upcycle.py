@@ -66,3 +66,55 @@ def test_upcycle_router_seeded(make_hf, tmp_path):
 def test_upcycle_refuses_moe(make_hf, tmp_path):
     moe_dir, _ = make_hf()
     assert main(["upcycle", "--model", str(moe_dir), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_train_from_upcycled_init(make_hf, tmp_path):
+    """`smoe train --init` starts from the upcycled weights: the first loss equals the dense
+    model's loss on the same batch (the experts are copies), and training proceeds."""
+    import json
+
+    from smoe.train.data import TrainSampler
+    from test_train_loop import make_corpus
+
+    dense_dir, dense_hf = make_hf(num_local_experts=1)
+    main(
+        [
+            "upcycle",
+            "--model",
+            str(dense_dir),
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--out",
+            str(tmp_path / "moe"),
+        ]
+    )
+    corpus = make_corpus(tmp_path / "corpus")
+    args = ["train", "--init", str(tmp_path / "moe"), "--data", str(corpus), "--out", str(tmp_path / "run")]
+    assert (
+        main(
+            args
+            + [
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--warmup-steps",
+                "1",
+                "--log-every",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    b = TrainSampler(corpus, 16, 2, seed=0).batch(0)
+    with torch.no_grad():
+        logits = dense_hf(b.inputs_BT).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), b.targets_BT.reshape(-1)).item()
+    assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-5)

@@ -23,6 +23,7 @@ _OVERRIDES = {
     "--dtype": ("dtype", str),
     "--device": ("device", str),
     "--eval-every": ("eval_every", int),
+    "--log-every": ("log_every", int),
     "--ckpt-every": ("ckpt_every", int),
     "--keep-last": ("keep_last", int),
     "--seed": ("seed", int),
