@@ -71,6 +71,20 @@ def forward_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> LossParts:
     return LossParts(total, ce.detach(), balance.detach(), z.detach(), torch.stack(counts).float())
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm; returns the norm before clipping.
+
+    Under torch.distributed the norm must count every rank's pieces (FSDP shards, expert-
+    parallel experts), which ``smoe.distributed.clip_grad_norm_`` does; a single process uses
+    torch's fused clip.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from smoe.distributed import clip_grad_norm_
+
+        return clip_grad_norm_(model, max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -100,7 +114,7 @@ def train_step(
                 parts.tokens_per_expert_LE if counts_LE is None else counts_LE + parts.tokens_per_expert_LE
             )
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(model, max_norm)
     values = torch.stack([ce, balance, z, grad_norm.float()]).tolist()  # one host sync per step
     if not all(math.isfinite(v) for v in values):
         optimizer.zero_grad(set_to_none=True)
