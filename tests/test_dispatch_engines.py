@@ -158,3 +158,11 @@ def test_triton_on_cpu_fails_loudly(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises((ValueError, ImportError), match="triton"):
         ENGINES["triton"](*make_problem(2, 8, 16, 4, 2))
+
+
+def test_cpu_chooses_grouped_mm_for_many_rows(monkeypatch):
+    calls, grouped = [], sorted_mod._experts_grouped
+    monkeypatch.setattr(sorted_mod, "CPU_GROUPED_MIN_ROWS", 2)
+    monkeypatch.setattr(sorted_mod, "_experts_grouped", lambda *a: calls.append(1) or grouped(*a))
+    assert_matches_reference(ENGINES["sorted"], make_problem(12, 8, 16, 4, 2))
+    assert calls, "12 tokens * 2 / 4 experts = 6 rows per expert >= 2: grouped_mm expected"
