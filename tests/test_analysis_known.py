@@ -97,6 +97,9 @@ def test_exact_shares_and_repeat_rates(tmp_path, seq_len, overlap, batch_size):
     # would be a repeat but crosses documents, so 2/10 (counting it would give 3/11).
     assert d["repeat_first"]["0"] == pytest.approx(2 / 10)
     assert d["repeat_any"]["0"] == pytest.approx(10 / 10)  # {a, a+1} always meets {a+1, a+2}
+    assert d["repeat_first_independent"]["0"] == pytest.approx(
+        (9 + 4 + 4 + 25) / 144
+    )  # sum of squared shares
     # Layer 1 is layer 0 relabelled: the same repeat rates, permuted shares.
     assert d["repeat_first"]["1"] == pytest.approx(2 / 10)
     assert d["first_choice_share"]["1"] == pytest.approx([[3, 2, 2, 5][p] / 12 for p in PERM1])

@@ -193,12 +193,16 @@ def write_report(
     rows.append(["<i>chance</i>"] + [_pct(ch[w]) for _ in details for w in ("first", "any")])
     h.append(_table(header, rows))
     h.append(_img(plots.get("repeat_rates"), "repeat rates per layer"))
-    header = ["layer"] + [f"{n} {w}" for n in doms for w in ("first", "any")]
-    rows = [
-        [x] + [_pct(d[f"repeat_{w}"][str(x)]) for d in doms.values() for w in ("first", "any")]
-        for x in layers
-    ]
-    h.append("<details><summary>all layers</summary>" + _table(header, rows) + "</details>")
+    kinds = ("first", "first_independent", "any")
+    header = ["layer"] + [f"{n} {w.replace('_', ' ')}" for n in doms for w in kinds]
+    rows = [[x] + [_pct(d[f"repeat_{w}"][str(x)]) for d in doms.values() for w in kinds] for x in layers]
+    h.append(
+        "<details open><summary>all layers</summary>" + _table(header, rows) + '<p class="note"><i>first '
+        "independent</i> = Σ<sub>e</sub> (first-choice share of e)²: the first-choice repeat rate if consecutive "
+        "tokens drew experts independently from the domain's own (possibly unbalanced) distribution. A repeat "
+        "rate above it means consecutive tokens stick together; one at it means only that few experts are used."
+        "</p></details>"
+    )
 
     h.append("<h2>Expert share per domain (paper Figure 7)</h2>")
     h.append("<p>Proportion of assignments to each expert, counting every one of the top-k choices (each "

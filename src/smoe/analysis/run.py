@@ -225,6 +225,7 @@ def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model
             "first_choice_share": key(s.first_choice_share()),
             "repeat_first": key(s.repeat_first()),
             "repeat_any": key(s.repeat_any()),
+            "repeat_first_independent": key(s.repeat_first_independent()),
             "tokens_per_expert": key(s.share_LE),
             "imbalance": key(s.imbalance()),
             "router_entropy": key(s.mean_entropy()),

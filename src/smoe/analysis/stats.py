@@ -113,6 +113,13 @@ class DomainStats:
     def repeat_first(self) -> np.ndarray:
         return self.same_first_L / self.pairs if self.pairs else np.full(len(self.same_first_L), np.nan)
 
+    def repeat_first_independent(self) -> np.ndarray:
+        """(L,) the first-choice repeat rate if consecutive tokens drew their experts independently
+        from this domain's own first-choice distribution: sum_e share_e^2. Equals 1/E for uniform
+        shares and grows with imbalance, so it separates "consecutive tokens stick together" from
+        "most tokens go to the same expert anyway"."""
+        return (self.first_choice_share() ** 2).sum(1)
+
     def repeat_any(self) -> np.ndarray:
         return self.overlap_L / self.pairs if self.pairs else np.full(len(self.overlap_L), np.nan)
 
