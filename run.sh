@@ -11,6 +11,15 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
+pip_install() {
+  # Quiet unless it fails: the full log stays in $VENV/pip.log.
+  if ! python -m pip install "$@" >>"$VENV/pip.log" 2>&1; then
+    tail -n 30 "$VENV/pip.log" >&2
+    echo "[setup] pip install $* failed; full log: $VENV/pip.log" >&2
+    exit 1
+  fi
+}
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV"
@@ -20,12 +29,12 @@ setup() {
   . "$VENV/bin/activate"
   if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC"
-    python -m pip install -q "$TORCH_SPEC"
+    pip_install "$TORCH_SPEC"
   fi
   local stamp="$VENV/.smoe-installed"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[setup] installing smoe and its test dependencies"
-    python -m pip install -q -e ".[test]"
+    pip_install -e ".[test]"
     touch "$stamp"
   fi
 }
