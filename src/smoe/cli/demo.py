@@ -126,6 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed, steps=steps, batch_size=plan.batch_size, seq_len=plan.seq_len, lr=plan.lr,
         warmup_steps=max(1, steps // 10), eval_every=max(1, steps // plan.evals),
         eval_batches=plan.eval_batches, ckpt_every=0, keep_last=1, device=args.device, dtype=args.dtype,
+        aux_loss_per_layer=True,  # pooled balancing let the last layer collapse onto 2 experts here
     )  # fmt: skip
     t1 = time.perf_counter()
     summary = train(out / "run", model_cfg, train_cfg, out / "corpus", progress=progress)
