@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -26,7 +27,8 @@ def table(out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_gpu_moe_tiny_runs(capsys):
-    load("gpu_moe").main(["--tiny", "--iters", "1", "--tokens", "1", "24"])
+    with torch.enable_grad():  # another test may have switched gradients off process-wide
+        load("gpu_moe").main(["--tiny", "--iters", "1", "--tokens", "1", "24"])
     rows = table(capsys.readouterr().out)
     assert rows[0].startswith("| T | mode | engine |")
     body = rows[2:]
@@ -38,7 +40,10 @@ def test_gpu_moe_tiny_runs(capsys):
 
 @pytest.mark.slow
 def test_moe_layer_quick_runs(capsys):
-    load("moe_layer").main(["--quick", "--repeats", "1", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd"])
+    with torch.enable_grad():
+        load("moe_layer").main(
+            ["--quick", "--repeats", "1", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd"]
+        )
     rows = table(capsys.readouterr().out)
     assert "smoe auto ms" in rows[0] and "floor flop ms" in rows[0]
     assert len(rows) == 2 + 4

@@ -30,14 +30,17 @@ def run_with_grads(engine, x_TD, ids_TK, weights_TK, w1, w2, w3, seed=1, views=N
     """Output and gradients of sum(y * g) for a fixed random g; absent gradients read as zeros.
     ``views`` maps the leaves (x, weights, w1, w2, w3) to what the engine is given."""
     leaves = [t.detach().clone().requires_grad_() for t in (x_TD, weights_TK, w1, w2, w3)]
-    x, wts, a, b, c = views(*leaves) if views is not None else leaves
-    y_TD = engine(x, ids_TK, wts, a, b, c)
-    assert y_TD.shape == x_TD.shape and y_TD.dtype == x_TD.dtype, (y_TD.shape, y_TD.dtype)
-    g_TD = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(seed)).to(y_TD.dtype)
-    if y_TD.requires_grad:
-        grads = torch.autograd.grad((y_TD * g_TD).sum(), leaves, allow_unused=True)
-    else:
-        grads = [None] * len(leaves)
+    # enable_grad: another test may have switched gradients off process-wide.
+    with torch.enable_grad():
+        x, wts, a, b, c = views(*leaves) if views is not None else leaves
+        y_TD = engine(x, ids_TK, wts, a, b, c)
+        assert y_TD.shape == x_TD.shape and y_TD.dtype == x_TD.dtype, (y_TD.shape, y_TD.dtype)
+        g_TD = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(seed)).to(y_TD.dtype)
+        if y_TD.requires_grad:
+            grads = torch.autograd.grad((y_TD * g_TD).sum(), leaves, allow_unused=True)
+        else:
+            assert x_TD.shape[0] == 0, "only an empty batch may give an output without a graph"
+            grads = [None] * len(leaves)
     grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
     return [y_TD.detach(), *grads]
 
