@@ -114,7 +114,6 @@ def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int 
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import torch
 
     import smoe
     from smoe.analysis import run_analysis
@@ -125,7 +124,6 @@ def _analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: a dense checkpoint (num_experts == 1) has no router to analyse")
     layers = None if args.layers == "all" else _int_list(args.layers)
     domains, labels, total = collect_domains(args.data, args.split)
-    torch.set_grad_enabled(False)
     model = smoe.load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = smoe.load_tokenizer(args.tokenizer or args.model)
     if total is not None and args.max_tokens is not None:
