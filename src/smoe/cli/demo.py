@@ -43,7 +43,7 @@ class DemoPlan:
     eval_batches: int
 
 
-FULL = DemoPlan(None, 300_000, 300, 8, 128, 4e-3, 16_000, 40, evals=5, eval_batches=2)
+FULL = DemoPlan(None, 300_000, 600, 8, 128, 4e-3, 16_000, 40, evals=5, eval_batches=2)
 QUICK = DemoPlan(("code", "math", "prose"), 12_000, 4, 2, 32, 4e-3, 600, 8, evals=1, eval_batches=1)
 
 
@@ -188,10 +188,13 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  routing report : {routing['paths']['report']}")
     print(f"  trained model  : {out / 'model'} (Hugging Face format)")
     print(f"  summary        : {out / 'demo.json'}")
-    above = [r["domain"] for r in rows if r["margin"] <= 0]
+    # The pass mark is the val loss of a context-free model (val_unigram_xent) where the corpus
+    # has it: H1 is measured on train tokens, and a val split can differ from its train split
+    # (prose: H1 6.53, unigram model on val 7.23), so H1 alone can be out of reach on val.
+    above = [r["domain"] for r in rows if r["val_loss"] >= (r["val_unigram_xent"] or r["unigram_entropy"])]
     if above and not args.quick:
         print(
-            f"smoe demo: the model is not below the unigram entropy on {above}; train longer (--steps)",
+            f"smoe demo: the model is not below the unigram baseline (val_unigram_xent, else H1) on {above}; train longer (--steps)",
             file=sys.stderr,
         )
         return 1
