@@ -1,12 +1,7 @@
-"""The training engineer's ``train_step`` (smoe.train.step) on parallelised models.
-
-Two variants: ``as_is`` calls train_step unchanged; ``sd_clip`` swaps its
-``torch.nn.utils.clip_grad_norm_`` for ``smoe.distributed.clip_grad_norm_`` (the one-line
-integration left to do in step.py). torch's clipping sees only this rank's tensors: under FSDP
-its norm is a DTensor (train_step's ``.tolist()`` fails), with FSDP + EP it mixes meshes and
-fails, and under EP + DDP each rank's norm misses the other ranks' experts (so it reports,
-and clips by, a different norm on each rank; here the dense gradients dominate the norm, so
-the parameters still agree within tolerance and only the reported norm shows it).
+"""``smoe.train.step.train_step`` on parallelised models, unchanged: under torch.distributed
+it clips by ``smoe.distributed.clip_grad_norm_`` (torch's own clipping sees only this rank's
+tensors: a DTensor norm under FSDP, mixed meshes with FSDP + EP, other ranks' experts missing
+under EP).
 
 Reference: one process running ``train_step`` on the same data as gradient accumulation over
 the ranks' batches (micro-batch r = rank r's rows). That is the same objective as the
@@ -15,7 +10,6 @@ distributed step: the mean over ranks of (CE + router losses of the rank's own b
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -37,11 +31,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 TRAIN = TrainConfig(
     steps=10, warmup_steps=0, lr=1e-3, batch_size=ROWS_PER_RANK, seq_len=8, grad_clip=0.05, weight_decay=0.0
 )
-VARIANTS = ("as_is", "sd_clip")
 # Two steps: AdamW's first step is blind to the gradient's scale, so clipping shows from the second.
 SEEDS = (2, 3)
-# Layouts where unchanged train_step cannot be right (see the module docstring).
-BROKEN_AS_IS = {"fsdp", "ep", "ep_fsdp"}
 
 
 def batch_of(tokens_BT: torch.Tensor) -> Batch:
@@ -51,31 +42,22 @@ def batch_of(tokens_BT: torch.Tensor) -> Batch:
 def step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     init(rank, world, port)
     results = {}
-    torch_clip = torch.nn.utils.clip_grad_norm_
     try:
-        for variant, (name, (layout, dispatch)) in itertools.product(VARIANTS, LAYOUTS.items()):
+        for name, (layout, dispatch) in LAYOUTS.items():
             model = sd.parallelize(make_model(dispatch=dispatch), sd.ParallelConfig(**layout))
-            if variant == "sd_clip":
-                torch.nn.utils.clip_grad_norm_ = lambda params, max_norm, m=model: sd.clip_grad_norm_(
-                    m, max_norm
-                )
-            else:
-                torch.nn.utils.clip_grad_norm_ = torch_clip
-            opt, sched = build_optimizer(model, TRAIN), None
+            opt = build_optimizer(model, TRAIN)
             sched = build_scheduler(opt, TRAIN)
             try:
                 for seed in SEEDS:
                     batch = batch_of(sd.shard_batch(global_batch(world, seed)))
                     metrics = train_step(model, opt, sched, [batch], TRAIN)
-            except Exception as e:  # recorded, so the parent can say which layout needs what
-                results[variant, name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+            except Exception as e:  # recorded, so the parent can say which layout failed and how
+                results[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
                 continue
             loss = torch.tensor(metrics["loss"])
             torch.distributed.all_reduce(loss)
             norm = torch.tensor(metrics["grad_norm"])
-            results[variant, name] = dict(
-                loss=loss / world, grad_norm=norm, params=sd.gather_full_params(model)
-            )
+            results[name] = dict(loss=loss / world, grad_norm=norm, params=sd.gather_full_params(model))
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -107,19 +89,6 @@ def check(got: dict, ref: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_train_step_with_distributed_clipping_matches_single_process(runs, layout):
+def test_train_step_matches_single_process(runs, layout):
     results, ref = runs
-    check(results["sd_clip", layout], ref, layout)
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_train_step_as_is(runs, layout):
-    """Documents the integration gap: the broken layouts must mismatch (or raise); this test
-    turns red once step.py uses smoe.distributed.clip_grad_norm_, and should then be dropped."""
-    results, ref = runs
-    if layout in BROKEN_AS_IS:
-        with pytest.raises(AssertionError):
-            check(results["as_is", layout], ref, layout)
-        print(layout, results["as_is", layout].get("error", "differs from the single-process run"))
-    else:
-        check(results["as_is", layout], ref, layout)
+    check(results[layout], ref, layout)

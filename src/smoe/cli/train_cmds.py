@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 
+from smoe import distributed as sd
 from smoe.config import PRESETS, ModelConfig
 
 # Command-line overrides of TrainConfig fields: flag -> (field, type).
@@ -49,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, (_, typ) in _OVERRIDES.items():
         p.add_argument(flag, type=typ)
     p.add_argument("--no-progress", action="store_true")
+    sd.add_parallel_args(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -121,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(
             args.out, model_cfg, train_cfg, args.data, resume=args.resume, init_model=init,
             stop_after=args.stop_after, progress=not args.no_progress,
+            parallel=sd.parallel_config_from_args(args),
         )  # fmt: skip
     except NonFiniteLossError as e:
         print(f"smoe train: {e}", file=sys.stderr)
@@ -128,6 +132,8 @@ def _train(args: argparse.Namespace) -> int:
     if summary["stopped"]:
         name = summary["stopped"]
         return 128 + getattr(signal, name).value if name in ("SIGINT", "SIGTERM") else 0
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (the group is gone now)
+        return 0
     val = " ".join(f"{d}={v:.3f}" for d, v in summary["val"].items())
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s; val loss {val}")
     print(f"run directory: {args.out} (metrics.jsonl, checkpoints/, plots/)")

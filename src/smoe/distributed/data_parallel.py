@@ -36,8 +36,12 @@ def _touch_all_local_experts(model: nn.Module) -> None:
             moe.engine = TouchAllEngine(moe.engine)
 
 
-def _expert_grad_hook(dp_group: dist.ProcessGroup | None, world: int):
+def _expert_grad_hook(dp_group: dist.ProcessGroup | None, world: int, ddp: DistributedDataParallel):
     def hook(p: torch.Tensor) -> None:
+        # Under ``ddp.no_sync()`` (gradient accumulation) leave the sum alone: reduce once, on
+        # the backward that syncs, or earlier micro-batches would be divided again each time.
+        if not ddp.require_backward_grad_sync:
+            return
         p.grad.div_(world)
         if dp_group is not None:
             dist.all_reduce(p.grad, group=dp_group)
@@ -56,15 +60,17 @@ def apply_ddp(model: nn.Module, pmesh: ParallelMesh) -> DistributedDataParallel:
     if ignored:
         # Each ep rank holds different experts: DDP must neither broadcast nor average them.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-        dp_group = pmesh.dp.get_group() if pmesh.cfg.dp > 1 else None
-        hook = _expert_grad_hook(dp_group, pmesh.world_size)
-        params = dict(model.named_parameters())
-        for name in ignored:
-            params[name].register_post_accumulate_grad_hook(hook)
     device_ids = None
     if pmesh.mesh.device_type == "cuda":
         device_ids = [torch.cuda.current_device()]
-    return DistributedDataParallel(model, process_group=pmesh.world.get_group(), device_ids=device_ids)
+    ddp = DistributedDataParallel(model, process_group=pmesh.world.get_group(), device_ids=device_ids)
+    if ignored:
+        dp_group = pmesh.dp.get_group() if pmesh.cfg.dp > 1 else None
+        hook = _expert_grad_hook(dp_group, pmesh.world_size, ddp)
+        params = dict(model.named_parameters())
+        for name in ignored:
+            params[name].register_post_accumulate_grad_hook(hook)
+    return ddp
 
 
 def apply_fsdp(model: nn.Module, pmesh: ParallelMesh) -> nn.Module:

@@ -9,11 +9,20 @@
     checkpoints/step_*.pt the newest train states (see checkpoint.py)
     plots/*.png           loss, learning rate, load imbalance per layer
     summary.json          final step, final validation loss per domain, timing
+    model/                (distributed runs only) the final weights as a Hugging Face directory
+
+Under ``torchrun`` (WORLD_SIZE > 1) the run is data/expert parallel (``smoe.distributed``):
+rank r of N takes micro-batch ``m * N + r`` of each step, so the run equals a single process
+with ``grad_accum * N`` micro-batches. Rank 0 alone logs and writes files; checkpoints hold the
+gathered full weights but no optimizer state, so a distributed run cannot be resumed (see
+docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -24,6 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from smoe import distributed as sd
 from smoe.config import ModelConfig
 from smoe.data.shards import Corpus
 from smoe.model.transformer import Transformer, build_model
@@ -77,7 +87,7 @@ class MetricsLog:
         self.f.close()
 
 
-def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool):
+def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, write: bool = True):
     config_file, run_file = run_dir / "config.json", run_dir / "run.json"
     if resume:
         if not config_file.is_file():
@@ -97,10 +107,31 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool):
         )
     if model_cfg is None or train_cfg is None or corpus_dir is None:
         raise ValueError("a new run needs a model config, a train config and a corpus")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_file(config_file, model_cfg, train_cfg)
-    run_file.write_text(json.dumps({"corpus": str(Path(corpus_dir).resolve())}) + "\n")
+    if write:  # every rank checks the above; only the main rank writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(config_file, model_cfg, train_cfg)
+        run_file.write_text(json.dumps({"corpus": str(Path(corpus_dir).resolve())}) + "\n")
     return model_cfg, train_cfg, Path(corpus_dir)
+
+
+class _NoLog:
+    """What ranks other than the main one log to."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _distributed_world(parallel: sd.ParallelConfig | None) -> int:
+    """The world size torchrun launched (1 without torchrun); starts the process group if > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if sd.launched_by_torchrun() else 1
+    if world > 1:
+        sd.init_distributed((parallel or sd.ParallelConfig()).timeout_s)
+    elif parallel is not None:
+        parallel.resolve(1, 1)  # reject e.g. --ep 2 without torchrun before any work
+    return world
 
 
 def train(
@@ -112,22 +143,51 @@ def train(
     init_model: Transformer | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    parallel: sd.ParallelConfig | None = None,
 ) -> dict[str, Any]:
     """Train (or with ``resume=True`` continue) the run in ``run_dir``; returns the summary.
 
     ``init_model`` starts from given weights (e.g. an upcycled checkpoint) instead of a fresh
     init. ``stop_after=N`` saves a checkpoint and stops after step N, as SIGINT/SIGTERM do.
+    ``parallel`` is the layout (dp, ep, ddp/fsdp) used when launched by torchrun with more
+    than one process; without torchrun it must be the 1 x 1 default.
     """
+    world = _distributed_world(parallel)
+    try:
+        return _train(run_dir, model_cfg, train_cfg, corpus_dir, resume, init_model, stop_after, progress,
+                      parallel or sd.ParallelConfig(), world)  # fmt: skip
+    finally:
+        if world > 1:
+            sd.shutdown()
+
+
+def _train(
+    run_dir, model_cfg, train_cfg, corpus_dir, resume, init_model, stop_after, progress, parallel, world
+):
     run_dir = Path(run_dir)
-    model_cfg, cfg, corpus_dir = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume)
+    main, rank = sd.is_main(), sd.rank()
+    if world > 1 and resume:
+        raise ValueError(
+            f"{run_dir}: --resume under torchrun is not supported (distributed checkpoints hold no "
+            "optimizer state); start a new run from its weights with --init RUN_DIR/model"
+        )
+    model_cfg, cfg, corpus_dir = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
     device = torch.device(cfg.device)
+    if world > 1:
+        device = sd.local_device()
+        if device.type != torch.device(cfg.device).type:
+            raise ValueError(
+                f"train config device={cfg.device!r}, but this torchrun rank runs on {device} "
+                f"({torch.distributed.get_backend()}); pass --device {device.type}"
+            )
     torch.manual_seed(cfg.seed)
     if init_model is not None:
         if init_model.config != model_cfg:
             raise ValueError(f"init model config {init_model.config} differs from the run's {model_cfg}")
         model = init_model.to(device=device, dtype=torch.float32)
-    else:
+    else:  # the same seed on every rank: parallelize expects the same full model everywhere
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.seed)
+    model = sd.parallelize(model, parallel)  # unchanged with one process
     if cfg.dtype == "bf16":
         wrap_engines_for_autocast(model)
     optimizer = build_optimizer(model, cfg)
@@ -145,6 +205,12 @@ def train(
         if path is None:
             raise FileNotFoundError(f"{ckpt.checkpoint_dir(run_dir)}: no checkpoint to resume from")
         state = ckpt.load_checkpoint(path)
+        if state["optimizer"] is None:
+            raise ValueError(
+                f"{path}: written by a distributed run ({state.get('world_size')} ranks) without optimizer "
+                "state, so it cannot be resumed exactly; start a new run from its weights "
+                "(smoe export, then --init)"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -152,35 +218,57 @@ def train(
         ckpt.set_rng_state(state["rng"])
         start = state["step"]
         print(f"resuming {run_dir} from {path.name} (step {start} of {cfg.steps})")
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=start if resume else None)
+    log = (
+        MetricsLog(run_dir / "metrics.jsonl", keep_until_step=start if resume else None) if main else _NoLog()
+    )
 
     def save(step: int) -> Path:
+        # Distributed: gather the full weights (a collective on every rank), rank 0 writes them
+        # in the single-process format, without optimizer state (each rank holds only its part).
+        weights = model.state_dict() if world == 1 else sd.single_process_model(model).state_dict()
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer.state_dict() if world == 1 else None,
             "scheduler": scheduler.state_dict(),
             "data": sampler.state_dict(),
             "rng": ckpt.rng_state(),
             "model_config": model_cfg.to_dict(),
             "train_config": cfg.to_dict(),
         }
-        return ckpt.save_checkpoint(run_dir, step, state, cfg.keep_last)
+        if world > 1:
+            state["world_size"] = world
+        path = ckpt.checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+        if main:
+            path = ckpt.save_checkpoint(run_dir, step, state, cfg.keep_last)
+        sd.barrier()
+        return path
 
     def validate(step: int) -> dict[str, float]:
+        # Every rank evaluates the same batches (expert parallelism needs all ranks in the forward).
         losses = {d: eval_loss(model, batches, cfg) for d, batches in val.items()}
         log.write({"kind": "val", "step": step, "val": losses})
         return losses
 
+    def say(msg: str) -> None:
+        if main:
+            bar.write(msg)
+
     flag, stopped, last_saved, val_losses = _StopFlag(), None, start, {}
     bar = tqdm(
-        total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+        total=cfg.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (progress and main),
+        dynamic_ncols=True,
     )
     t_start = time.perf_counter()
     try:
         with _catch_signals(flag):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                micro = [sampler.batch(step, m).to(device) for m in range(cfg.grad_accum)]
+                # Rank r of N: micro-batches r, N + r, 2N + r, ... (one process: 0, 1, 2, ...).
+                micro = [sampler.batch(step, m * world + rank).to(device) for m in range(cfg.grad_accum)]
                 try:
                     metrics = train_step(model, optimizer, scheduler, micro, cfg)
                 except NonFiniteLossError as e:
@@ -193,8 +281,11 @@ def train(
                     raise NonFiniteLossError(
                         f"step {step + 1}: {e}. Stopping; {where}. Try a lower lr or more warmup."
                     ) from None
+                signalled = flag.signal is not None
+                if world > 1:
+                    signalled = _average_over_ranks(metrics, signalled, world, device)
                 done = step + 1
-                tok_s = cfg.tokens_per_step / (time.perf_counter() - t0)
+                tok_s = cfg.tokens_per_step * world / (time.perf_counter() - t0)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     log.write({"kind": "train", "step": done, **metrics, "tokens_per_s": tok_s})
                 imb = max(metrics.get("imbalance", [1.0]))
@@ -207,17 +298,20 @@ def train(
                 bar.update(1)
                 if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                     val_losses = validate(done)
-                    bar.write(f"step {done}: val " + " ".join(f"{d}={v:.3f}" for d, v in val_losses.items()))
-                stop_now = flag.signal is not None or (stop_after is not None and done >= stop_after)
+                    say(f"step {done}: val " + " ".join(f"{d}={v:.3f}" for d, v in val_losses.items()))
+                stop_now = signalled or (stop_after is not None and done >= stop_after)
                 if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or stop_now:
                     save(done)
                     last_saved = done
                 if stop_now:
-                    stopped = flag.signal or f"stop_after={stop_after}"
-                    bar.write(
-                        f"stopped ({stopped}) after step {done}; checkpoint saved, continue with --resume"
+                    stopped = flag.signal or (
+                        "signal on another rank" if signalled else f"stop_after={stop_after}"
                     )
+                    how = "continue with --resume" if world == 1 else "(a distributed run cannot be resumed)"
+                    say(f"stopped ({stopped}) after step {done}; checkpoint saved, {how}")
                     break
+        if world > 1 and stopped is None:
+            sd.save_distributed(model, run_dir / "model")
     finally:
         bar.close()
         log.close()
@@ -231,9 +325,30 @@ def train(
         "params": model_cfg.num_params(),
         "active_params": model_cfg.num_params(active=True),
     }
+    if world > 1:
+        summary.update(
+            world_size=world, layout=dataclasses.asdict(parallel.resolve(world, model_cfg.num_experts))
+        )
+    if not main:
+        return summary
     if stopped is None:
         from smoe.train.plots import plot_run  # matplotlib only when a run finishes
 
         summary["plots"] = [str(p) for p in plot_run(run_dir)]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _average_over_ranks(metrics: dict, signalled: bool, world: int, device: torch.device) -> bool:
+    """Replace this rank's loss terms by their mean over ranks (the loss of the whole global
+    batch), in place; returns whether any rank was signalled, so that all stop at the same step.
+    ``grad_norm`` is already global; ``imbalance`` stays this rank's own."""
+    keys = [k for k in ("loss", "balance_loss", "z_loss") if k in metrics]
+    t = torch.tensor(
+        [float(metrics[k]) for k in keys] + [float(signalled)], dtype=torch.float64, device=device
+    )
+    torch.distributed.all_reduce(t)
+    values = t.tolist()
+    for k, v in zip(keys, values):
+        metrics[k] = v / world
+    return values[-1] > 0
