@@ -17,16 +17,6 @@ from smoe.config import ModelConfig
 from smoe.generate import GenerationConfig, Generator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
-    processes made small ops (index_add, linear) 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")

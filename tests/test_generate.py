@@ -9,17 +9,6 @@ import torch
 import smoe
 from smoe.generate import GenerationConfig, Generator
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
-    processes made small ops (index_add, linear) 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = [[1, 5, 9, 33, 4], [1, 60], [1, 7, 7, 7, 12, 90, 44, 3, 18, 25, 61], [1, 2 + 40, 50, 51]]
 
 

@@ -18,15 +18,6 @@ from smoe.generate import GenerationConfig, Generator
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
-    processes made small ops (index_add, linear) 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("window", [None, 4])
 def test_greedy_loop_equals_generator(make_hf, window):

@@ -10,16 +10,6 @@ from smoe.generate import GenerationConfig
 from smoe.sampling import SamplingConfig, filter_logits, make_generators, sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
-    processes made small ops (index_add, linear) 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     "top_k,top_p", [(5, 1.0), (0, 0.9), (0, 0.3), (7, 0.8), (1, 1.0), (0, 1e-6), (40, 1.0)]
 )

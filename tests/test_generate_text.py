@@ -4,23 +4,11 @@ streaming through a model on the 32000-token vocabulary."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import smoe
 from smoe.config import ModelConfig
 from smoe.generate import GenerationConfig, Generator, generate
 from smoe.textstream import TextStream
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
-    processes made small ops (index_add, linear) 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TEXT = "Héllo wörld, 你好 🙂 tabs\tand  spaces.\n\nUser: stop here"
 
