@@ -138,7 +138,13 @@ def test_ctrl_c_ends_cleanly(tiny_dir):
     cmd = [sys.executable, "-m", "smoe", "generate", "--model", str(tiny_dir), "--prompt", "Count:"]
     cmd += ["--max-new-tokens", "240", "--ignore-eos"]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler; CI may run us that way. Give the child the default
+    # disposition, as an interactive terminal would.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     first = proc.stdout.read(1)  # streaming has started
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
