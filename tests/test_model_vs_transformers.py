@@ -57,3 +57,15 @@ def test_tied_embeddings(make_hf):
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
     assert ours.output.weight is ours.tok_embeddings.weight
+
+
+def test_build_model_keeps_embeddings_tied(tmp_path):
+    import transformers
+
+    model = smoe.build_model(smoe.ModelConfig.preset("tiny", vocab_size=97, tie_embeddings=True))
+    assert model.output.weight is model.tok_embeddings.weight
+    smoe.save_model(model, tmp_path)
+    ref = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=1e-4, rtol=0)

@@ -134,11 +134,11 @@ def save_model(
     """Write a Hugging Face directory (``fmt="hf"``, loadable by transformers) or a Mistral
     consolidated one (``fmt="consolidated"``). HF checkpoints larger than ``max_shard_bytes``
     are sharded with an index, as the hub does."""
+    if fmt not in ("hf", "consolidated"):
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
     cfg, directory = model.config, Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     recipes = hf_recipes(cfg) if fmt == "hf" else consolidated_recipes(cfg)
-    if fmt not in ("hf", "consolidated"):
-        raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for name, recipe in recipes.items():

@@ -109,5 +109,7 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module its own storage: tie again
+        model.output.weight = model.tok_embeddings.weight
     init_weights(model, seed=seed)
     return model.to(dtype)
