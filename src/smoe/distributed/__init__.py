@@ -13,6 +13,8 @@ The hook a training loop needs::
     sd.clip_grad_norm_(model, max_norm)            # global norm: counts every rank's experts
     ... optimizer step ...
     sd.save_distributed(model, path)               # every rank calls; rank 0 writes
+    opt_state = sd.full_optimizer_state(model, optimizer)   # collective; single-process layout
+    sd.load_optimizer_state(model, optimizer, opt_state)    # on resume, after parallelize
     if sd.is_main(): log(...)
 
 With one process ``parallelize`` returns the model unchanged.
@@ -25,7 +27,15 @@ import argparse
 import torch
 from torch import nn
 
-from smoe.distributed.checkpoint import gather_full_params, save_distributed, single_process_model
+from smoe.distributed.checkpoint import (
+    all_gather_objects,
+    full_optimizer_state,
+    gather_full_params,
+    load_optimizer_state,
+    optimizer_param_names,
+    save_distributed,
+    single_process_model,
+)
 from smoe.distributed.data_parallel import apply_ddp, apply_fsdp, unwrap
 from smoe.distributed.expert_parallel import ExpertParallelEngine, apply_expert_parallel
 from smoe.distributed.grad_norm import clip_grad_norm_, grad_norm
@@ -47,18 +57,22 @@ __all__ = [
     "ParallelConfig",
     "ParallelMesh",
     "add_parallel_args",
+    "all_gather_objects",
     "apply_ddp",
     "apply_expert_parallel",
     "apply_fsdp",
     "barrier",
     "build_mesh",
     "clip_grad_norm_",
+    "full_optimizer_state",
     "gather_full_params",
     "grad_norm",
     "init_distributed",
     "is_main",
     "launched_by_torchrun",
+    "load_optimizer_state",
     "local_device",
+    "optimizer_param_names",
     "parallel_config_from_args",
     "parallelize",
     "rank",

@@ -13,9 +13,10 @@
 
 Under ``torchrun`` (WORLD_SIZE > 1) the run is data/expert parallel (``smoe.distributed``):
 rank r of N takes micro-batch ``m * N + r`` of each step, so the run equals a single process
-with ``grad_accum * N`` micro-batches. Rank 0 alone logs and writes files; checkpoints hold the
-gathered full weights but no optimizer state, so a distributed run cannot be resumed (see
-docs/distributed.md).
+with ``grad_accum * N`` micro-batches. Rank 0 alone logs and writes files. Checkpoints hold the
+gathered full weights and optimizer state in the single-process format plus every rank's RNG
+states (see state.py), so ``--resume`` under torchrun with the same number of processes
+continues the run exactly (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from smoe.config import ModelConfig
 from smoe.data.shards import Corpus
 from smoe.model.transformer import Transformer, build_model
 from smoe.train import checkpoint as ckpt
+from smoe.train import state as train_state
 from smoe.train.config import TrainConfig, load_run_file, write_run_file
 from smoe.train.data import TrainSampler, val_batches
 from smoe.train.optim import build_optimizer, build_scheduler
 from smoe.train.precision import wrap_engines_for_autocast
-from smoe.train.step import NonFiniteLossError, eval_loss, train_step
+from smoe.train.step import NonFiniteLossError, eval_loss, imbalance, train_step
 
 
 class _StopFlag:
@@ -166,12 +168,15 @@ def _train(
 ):
     run_dir = Path(run_dir)
     main, rank = sd.is_main(), sd.rank()
-    if world > 1 and resume:
-        raise ValueError(
-            f"{run_dir}: --resume under torchrun is not supported (distributed checkpoints hold no "
-            "optimizer state); start a new run from its weights with --init RUN_DIR/model"
-        )
     model_cfg, cfg, corpus_dir = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
+    layout = parallel.resolve(world, model_cfg.num_experts) if world > 1 else None
+    saved, path = None, None
+    if resume:  # every rank reads the same (full) checkpoint
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{ckpt.checkpoint_dir(run_dir)}: no checkpoint to resume from")
+        saved = ckpt.load_checkpoint(path)
+        train_state.check_resumable(saved, path, world, dataclasses.asdict(layout) if layout else None)
     device = torch.device(cfg.device)
     if world > 1:
         device = sd.local_device()
@@ -187,6 +192,8 @@ def _train(
         model = init_model.to(device=device, dtype=torch.float32)
     else:  # the same seed on every rank: parallelize expects the same full model everywhere
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.seed)
+    if saved is not None:  # the full weights, before parallelize cuts each rank's piece
+        model.load_state_dict(saved["model"])
     model = sd.parallelize(model, parallel)  # unchanged with one process
     if cfg.dtype == "bf16":
         wrap_engines_for_autocast(model)
@@ -200,43 +207,23 @@ def _train(
     }
 
     start = 0
-    if resume:
-        path = ckpt.latest_checkpoint(run_dir)
-        if path is None:
-            raise FileNotFoundError(f"{ckpt.checkpoint_dir(run_dir)}: no checkpoint to resume from")
-        state = ckpt.load_checkpoint(path)
-        if state["optimizer"] is None:
-            raise ValueError(
-                f"{path}: written by a distributed run ({state.get('world_size')} ranks) without optimizer "
-                "state, so it cannot be resumed exactly; start a new run from its weights "
-                "(smoe export, then --init)"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.check_state(state["data"], str(path))
-        ckpt.set_rng_state(state["rng"])
-        start = state["step"]
-        print(f"resuming {run_dir} from {path.name} (step {start} of {cfg.steps})")
+    if saved is not None:
+        start = train_state.restore(model, optimizer, scheduler, sampler, saved, path, world, rank)
+        if main:
+            print(f"resuming {run_dir} from {path.name} (step {start} of {cfg.steps})")
+            was = train_state.describe(world, saved.get("layout"))
+            now = train_state.describe(world, dataclasses.asdict(layout) if layout else None)
+            if was != now:  # allowed: the checkpoint holds whole tensors
+                print(f"layout changed: saved by {was}, now {now} (equal up to float32 round-off)")
+        del saved  # the full tensors: each rank keeps only its pieces
     log = (
         MetricsLog(run_dir / "metrics.jsonl", keep_until_step=start if resume else None) if main else _NoLog()
     )
 
     def save(step: int) -> Path:
-        # Distributed: gather the full weights (a collective on every rank), rank 0 writes them
-        # in the single-process format, without optimizer state (each rank holds only its part).
-        weights = model.state_dict() if world == 1 else sd.single_process_model(model).state_dict()
-        state = {
-            "model": weights,
-            "optimizer": optimizer.state_dict() if world == 1 else None,
-            "scheduler": scheduler.state_dict(),
-            "data": sampler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "model_config": model_cfg.to_dict(),
-            "train_config": cfg.to_dict(),
-        }
-        if world > 1:
-            state["world_size"] = world
+        # Distributed: the full weights and optimizer state are gathered (a collective on every
+        # rank) and rank 0 writes them in the single-process format (see state.py).
+        state = train_state.capture(model, optimizer, scheduler, sampler, model_cfg, cfg, world, layout)
         path = ckpt.checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
         if main:
             path = ckpt.save_checkpoint(run_dir, step, state, cfg.keep_last)
@@ -282,8 +269,9 @@ def _train(
                         f"step {step + 1}: {e}. Stopping; {where}. Try a lower lr or more warmup."
                     ) from None
                 signalled = flag.signal is not None
+                counts_LE = metrics.pop("tokens_per_expert", None)
                 if world > 1:
-                    signalled = _average_over_ranks(metrics, signalled, world, device)
+                    signalled = _reduce_over_ranks(metrics, counts_LE, signalled, world, device)
                 done = step + 1
                 tok_s = cfg.tokens_per_step * world / (time.perf_counter() - t0)
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -307,7 +295,7 @@ def _train(
                     stopped = flag.signal or (
                         "signal on another rank" if signalled else f"stop_after={stop_after}"
                     )
-                    how = "continue with --resume" if world == 1 else "(a distributed run cannot be resumed)"
+                    how = "continue with --resume" + (f" under {world} processes" if world > 1 else "")
                     say(f"stopped ({stopped}) after step {done}; checkpoint saved, {how}")
                     break
         if world > 1 and stopped is None:
@@ -326,9 +314,7 @@ def _train(
         "active_params": model_cfg.num_params(active=True),
     }
     if world > 1:
-        summary.update(
-            world_size=world, layout=dataclasses.asdict(parallel.resolve(world, model_cfg.num_experts))
-        )
+        summary.update(world_size=world, layout=dataclasses.asdict(layout))
     if not main:
         return summary
     if stopped is None:
@@ -339,16 +325,23 @@ def _train(
     return summary
 
 
-def _average_over_ranks(metrics: dict, signalled: bool, world: int, device: torch.device) -> bool:
-    """Replace this rank's loss terms by their mean over ranks (the loss of the whole global
-    batch), in place; returns whether any rank was signalled, so that all stop at the same step.
-    ``grad_norm`` is already global; ``imbalance`` stays this rank's own."""
+def _reduce_over_ranks(
+    metrics: dict, counts_LE: list | None, signalled: bool, world: int, device: torch.device
+) -> bool:
+    """One all_reduce per step: replace this rank's loss terms by their mean over ranks (the
+    loss of the whole global batch) and ``imbalance`` by that of the tokens per expert summed
+    over ranks, in place; returns whether any rank was signalled, so that all stop at the same
+    step. ``grad_norm`` is already global."""
     keys = [k for k in ("loss", "balance_loss", "z_loss") if k in metrics]
-    t = torch.tensor(
-        [float(metrics[k]) for k in keys] + [float(signalled)], dtype=torch.float64, device=device
-    )
+    parts = [torch.tensor([float(metrics[k]) for k in keys] + [float(signalled)], dtype=torch.float64)]
+    if counts_LE is not None:
+        parts.append(torch.tensor(counts_LE, dtype=torch.float64).reshape(-1))
+    t = torch.cat(parts).to(device)
     torch.distributed.all_reduce(t)
-    values = t.tolist()
-    for k, v in zip(keys, values):
+    values = t.cpu()
+    for k, v in zip(keys, values[: len(keys)].tolist()):
         metrics[k] = v / world
-    return values[-1] > 0
+    if counts_LE is not None:
+        summed_LE = values[len(keys) + 1 :].reshape(len(counts_LE), -1)
+        metrics["imbalance"] = imbalance(summed_LE).tolist()
+    return bool(values[len(keys)] > 0)

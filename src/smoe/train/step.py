@@ -127,9 +127,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     out: dict[str, float | list[float]] = {"loss": values[0], "lr": lr, "grad_norm": values[3]}
     if counts_LE is not None:
-        imbalance_L = counts_LE.max(dim=1).values / counts_LE.mean(dim=1)
-        out.update(balance_loss=values[1], z_loss=values[2], imbalance=imbalance_L.tolist())
+        out.update(balance_loss=values[1], z_loss=values[2], imbalance=imbalance(counts_LE).tolist())
+        # The counts themselves, so that a data-parallel loop can sum them over ranks first.
+        out["tokens_per_expert"] = counts_LE.tolist()
     return out
+
+
+def imbalance(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Per MoE layer, the busiest expert's token count over the mean count (1 = balanced)."""
+    return counts_LE.max(dim=1).values / counts_LE.mean(dim=1)
 
 
 @torch.no_grad()
