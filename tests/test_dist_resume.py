@@ -5,7 +5,8 @@ steps straight through, and the same run stopped after step 2 then resumed with
 ``resume=True`` in the same layout: every logged record (loss, grad norm, lr, imbalance),
 the validation losses, the final weights and the optimizer state must be bitwise equal. The
 stop under EP + DDP is a SIGTERM raised on rank 1 only (every rank must stop after the same
-step and save); the others use ``stop_after``. Router jitter is on, so the RNG states must
+step and save); under EP + FSDP2 a NaN loss on rank 1 only in step 3 (every rank must raise,
+keeping the step-2 checkpoint); the others use ``stop_after``. Router jitter is on, so the RNG states must
 come back too. A run saved under EP + DDP and resumed under FSDP2 (same 2 processes)
 matches to float32 round-off, and a resume with a different number of processes is refused
 with both layouts named.
@@ -15,6 +16,7 @@ Each ``train`` call starts and ends its own process group (its own port), as tor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,7 +28,9 @@ import torch
 from smoe import distributed as sd
 from smoe.train import checkpoint as ckpt
 from smoe.train import loop
+from smoe.train import step as step_mod
 from smoe.train.loop import train
+from smoe.train.step import NonFiniteLossError
 from test_dist_parallel import free_port, spawn
 from test_train_loop import MODEL, make_corpus, tcfg
 
@@ -40,7 +44,7 @@ LAYOUTS = {
     "ep": dict(ep=2, data_parallel="ddp"),
     "ep_fsdp": dict(ep=2, data_parallel="fsdp"),
 }
-SIGTERM_LAYOUT = "ep"
+SIGTERM_LAYOUT, NAN_LAYOUT = "ep", "ep_fsdp"
 # One process group per train() call: straight, stopped, resumed per layout, then the
 # layout change (stopped, resumed).
 N_PORTS = 3 * len(LAYOUTS) + 2
@@ -59,6 +63,20 @@ def _sigterm_rank1_at_step(step: int):
     return stepped
 
 
+def _nan_on_rank1_from_step(step: int):
+    """A forward_loss whose loss turns NaN on rank 1 only, from optimizer step ``step``."""
+    real, calls = step_mod.forward_loss, {"n": 0}
+
+    def poisoned(model, batch, cfg):
+        calls["n"] += 1
+        parts = real(model, batch, cfg)
+        if sd.rank() == 1 and calls["n"] > (step - 1) * cfg.grad_accum:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    return poisoned
+
+
 def resume_worker(rank: int, world: int, _port: int, out: str, corpus: str, ports: list[int]) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -66,30 +84,38 @@ def resume_worker(rank: int, world: int, _port: int, out: str, corpus: str, port
 
     def run(run_dir: str, layout: dict, **kw) -> dict:
         os.environ["MASTER_PORT"] = str(next(port))
-        return train(run_dir, corpus_dir=corpus, parallel=sd.ParallelConfig(**layout, timeout_s=60), **kw)
+        parallel = sd.ParallelConfig(**layout, timeout_s=60)
+        return train(run_dir, corpus_dir=corpus, parallel=parallel, progress=False, **kw)
 
     summaries = {}
     for name, layout in LAYOUTS.items():
         d = os.path.join(out, name)
-        summaries[name, "straight"] = run(
-            f"{d}/straight", layout, model_cfg=MODEL, train_cfg=CFG, progress=False
-        )
+        summaries[name, "straight"] = run(f"{d}/straight", layout, model_cfg=MODEL, train_cfg=CFG)
         if name == SIGTERM_LAYOUT:
             real = loop.train_step
             loop.train_step = _sigterm_rank1_at_step(STOP)
             try:
-                summaries[name, "stopped"] = run(
-                    f"{d}/split", layout, model_cfg=MODEL, train_cfg=CFG, progress=False
-                )
+                summaries[name, "stopped"] = run(f"{d}/split", layout, model_cfg=MODEL, train_cfg=CFG)
             finally:
                 loop.train_step = real
+        elif name == NAN_LAYOUT:  # a checkpoint every 2 steps; step 3 is poisoned on rank 1
+            real = step_mod.forward_loss
+            step_mod.forward_loss = _nan_on_rank1_from_step(STOP + 1)
+            try:
+                run(
+                    f"{d}/split", layout, model_cfg=MODEL, train_cfg=dataclasses.replace(CFG, ckpt_every=STOP)
+                )
+            except NonFiniteLossError as e:
+                summaries[name, "stopped"] = {"error": str(e)}
+            finally:
+                step_mod.forward_loss = real
         else:
             summaries[name, "stopped"] = run(
-                f"{d}/split", layout, model_cfg=MODEL, train_cfg=CFG, stop_after=STOP, progress=False
+                f"{d}/split", layout, model_cfg=MODEL, train_cfg=CFG, stop_after=STOP
             )
-        summaries[name, "resumed"] = run(f"{d}/split", layout, resume=True, progress=False)
-    run(f"{out}/changed", LAYOUTS["ep"], model_cfg=MODEL, train_cfg=CFG, stop_after=STOP, progress=False)
-    summaries["changed", "resumed"] = run(f"{out}/changed", LAYOUTS["fsdp"], resume=True, progress=False)
+        summaries[name, "resumed"] = run(f"{d}/split", layout, resume=True)
+    run(f"{out}/changed", LAYOUTS["ep"], model_cfg=MODEL, train_cfg=CFG, stop_after=STOP)
+    summaries["changed", "resumed"] = run(f"{out}/changed", LAYOUTS["fsdp"], resume=True)
     torch.save(summaries, os.path.join(out, f"summaries{rank}.pt"))
 
 
@@ -135,12 +161,16 @@ def test_stop_and_resume_equals_straight_run(runs, layout):
     out, summaries = runs
     straight, split = out / layout / "straight", out / layout / "split"
     stopped = summaries[0][layout, "stopped"]
-    assert stopped["step"] == STOP
-    if layout == SIGTERM_LAYOUT:  # rank 1 got the signal; both stopped after the same step
+    if layout == NAN_LAYOUT:  # both ranks raised (the NaN was rank 1's), the last good checkpoint kept
+        for r in range(2):
+            assert "step 3: non-finite" in summaries[r][layout, "stopped"]["error"]
+            assert f"step_{STOP:08d}.pt is intact" in summaries[r][layout, "stopped"]["error"]
+    elif layout == SIGTERM_LAYOUT:  # rank 1 got the signal; both stopped after the same step
         assert summaries[1][layout, "stopped"]["stopped"] == "SIGTERM"
         assert stopped["stopped"] == "signal on another rank"
     else:
         assert stopped["stopped"] == f"stop_after={STOP}"
+    assert layout == NAN_LAYOUT or stopped["step"] == STOP
     assert summaries[0][layout, "resumed"]["step"] == STEPS
 
     got, want = records(split), records(straight)
