@@ -50,7 +50,9 @@ def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), foreach=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=tcfg.fused_adamw
+    )
     inputs = batch.inputs_BT  # the same B x T tokens through the model; HF shifts the labels itself
 
     def step():

@@ -35,7 +35,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused_adamw: bool = False  # torch's fused AdamW kernel (CUDA)
+    # torch's fused AdamW kernel (CPU and CUDA): one pass per tensor. On CPU `foreach` falls
+    # back to one op per tensor per update term; fused took 19 ms instead of 135 ms a step on `small`.
+    fused_adamw: bool = True
     # Router losses: Switch load balancing (Mixtral's released coefficient) and ST-MoE z-loss.
     aux_loss_coef: float = 0.02
     aux_loss_per_layer: bool = False  # False = pooled over layers, as transformers does

@@ -8,7 +8,7 @@ window separate them. The window offsets of micro-batch m of optimizer step s co
 generator seeded with (seed, s, m): the data-loader position is just the step number, so a
 resumed run sees exactly the batches the uninterrupted run would have.
 
-Validation uses fixed, non-overlapping windows from the start of each domain's val split.
+Validation uses fixed, non-overlapping windows spread evenly over each domain's val split.
 """
 
 from __future__ import annotations
@@ -83,14 +83,23 @@ class TrainSampler:
             raise ValueError(f"{source}: the checkpoint's data loader {state} differs from this run's {mine}")
 
 
-def val_batches(corpus: Corpus, domain: str, seq_len: int, batch_size: int, n_batches: int) -> list[Batch]:
-    """Up to ``n_batches`` fixed batches of non-overlapping windows from the domain's val split."""
+def val_batches(
+    corpus: Corpus, domain: str, seq_len: int, batch_size: int, n_batches: int | None
+) -> list[Batch]:
+    """Up to ``n_batches`` fixed batches of non-overlapping windows spread evenly over the
+    domain's val split (``None``: every window, i.e. the whole split).
+
+    Spread, not the first windows: a val split is a handful of whole documents, and the first
+    ``n_batches * batch_size * seq_len`` tokens can be one document. Example: 9,000 val tokens,
+    T 128 -> 70 grid windows; 16 wanted -> grid windows 0, 5, 9, ..., 69.
+    """
     tokens = corpus.tokens(domain, "val")
-    n_windows = min(n_batches * batch_size, (len(tokens) - 1) // seq_len)
-    if n_windows < 1:
+    grid = (len(tokens) - 1) // seq_len  # non-overlapping windows that fit
+    if grid < 1:
         raise CorpusError(
             f"{corpus.path}: val split of domain {domain!r} has {len(tokens)} tokens, fewer than "
             f"seq_len + 1 = {seq_len + 1}; lower --seq-len or build a larger corpus"
         )
-    starts = np.arange(n_windows) * seq_len
+    n_windows = grid if n_batches is None else min(n_batches * batch_size, grid)
+    starts = np.round(np.linspace(0, grid - 1, n_windows)).astype(np.int64) * seq_len
     return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]
