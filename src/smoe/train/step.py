@@ -115,7 +115,11 @@ def train_step(
             )
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(model, max_norm)
-    values = torch.stack([ce, balance, z, grad_norm.float()]).tolist()  # one host sync per step
+    scalars = torch.stack([ce, balance, z, grad_norm.float()])
+    if counts_LE is not None:  # what the host needs, copied at once: one sync per step
+        scalars = torch.cat([scalars, imbalance(counts_LE), counts_LE.reshape(-1)])
+    host = scalars.tolist()
+    values = host[:4]
     if not all(math.isfinite(v) for v in values):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
@@ -127,9 +131,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     out: dict[str, float | list[float]] = {"loss": values[0], "lr": lr, "grad_norm": values[3]}
     if counts_LE is not None:
-        out.update(balance_loss=values[1], z_loss=values[2], imbalance=imbalance(counts_LE).tolist())
-        # The counts themselves, so that a data-parallel loop can sum them over ranks first.
-        out["tokens_per_expert"] = counts_LE.tolist()
+        L, E = counts_LE.shape
+        out.update(balance_loss=values[1], z_loss=values[2], imbalance=host[4 : 4 + L])
+        # The counts themselves (L lists of E), so that a data-parallel loop can sum them over
+        # ranks before taking the imbalance.
+        out["tokens_per_expert"] = [host[4 + L + i * E : 4 + L + (i + 1) * E] for i in range(L)]
     return out
 
 
