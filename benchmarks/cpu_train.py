@@ -6,7 +6,8 @@ parameters (hidden_dim = top_k * expert hidden), measured interleaved in one run
     python benchmarks/cpu_train.py --tiny         # seconds; checks that the script runs
 
 Every step is forward + loss (with the 0.02 load-balancing loss on both sides) + backward +
-AdamW. The steps of the three models alternate, so machine noise hits them alike; the table
+AdamW. A fourth row times only the step's unavoidable matrix products (``matmul_floor_stepper``):
+no implementation's step can beat it on this machine. The steps of the three models alternate, so machine noise hits them alike; the table
 gives median tokens/s and the ratios of medians. Prints a markdown table last.
 """
 
@@ -65,6 +66,37 @@ def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
     return step
 
 
+def matmul_floor_stepper(cfg: ModelConfig, tokens: int):
+    """Only the matrix products a training step cannot avoid, back to back: for every weight
+    (attention, router, each expert on exactly its share T*k/E of the rows, output head) the
+    forward product and the two backward ones (input and weight gradient), in F.linear's
+    layouts. No attention scores, norms, activations, loss or optimizer, so its time is a lower
+    bound for any implementation's step on this machine."""
+    g = torch.Generator().manual_seed(0)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_expert = tokens * cfg.top_k // cfg.num_experts
+    shapes = [(tokens, cfg.dim, cfg.vocab_size)]  # (rows, in, out)
+    for _ in range(cfg.n_layers):
+        shapes += [(tokens, cfg.dim, q), (tokens, cfg.dim, kv), (tokens, cfg.dim, kv), (tokens, q, cfg.dim)]
+        shapes += [(tokens, cfg.dim, cfg.num_experts)]
+        for _ in range(cfg.num_experts):
+            shapes += [(per_expert, cfg.dim, cfg.hidden_dim)] * 2 + [(per_expert, cfg.hidden_dim, cfg.dim)]
+    ops = []
+    for n, i, o in shapes:
+        x, w, gy = (
+            torch.randn(n, i, generator=g),
+            torch.randn(o, i, generator=g),
+            torch.randn(n, o, generator=g),
+        )
+        ops += [(x, w.T), (gy, w), (gy.T, x)]  # forward, grad input, grad weight
+
+    def step():
+        for a, b in ops:
+            torch.mm(a, b)
+
+    return step
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -101,6 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         steppers["smoe bf16 autocast"] = smoe_stepper(cfg, dataclasses.replace(tcfg, dtype="bf16"), batch)
     if not args.no_hf:
         steppers["transformers Mixtral"] = hf_stepper(cfg, tcfg, batch)
+    steppers["matrix products alone (floor)"] = matmul_floor_stepper(cfg, args.batch * args.seq)
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for step in steppers.values():
         step()  # warmup: allocator, oneDNN primitives
@@ -129,6 +162,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "transformers Mixtral" in med:
         ratios["smoe tokens/s / transformers tokens/s (target >= 2)"] = (
             med["transformers Mixtral"] / med["smoe"]
+        )
+    floor = med["matrix products alone (floor)"]
+    ratios["smoe step time / matrix-product floor"] = med["smoe"] / floor
+    if "transformers Mixtral" in med:
+        ratios["highest reachable tokens/s / transformers tokens/s (floor / transformers)"] = (
+            med["transformers Mixtral"] / floor
         )
     print("\n| ratio (medians, same run) | value |")
     print("|---|---|")
