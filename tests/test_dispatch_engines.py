@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from smoe.dispatch import ENGINES, choose_engine, get_engine
 from smoe.dispatch import sorted_engine as sorted_mod
-from smoe.dispatch.gather import _gather_host_loop, _gather_index_select
+from smoe.dispatch.gather import _gather_decode, _gather_host_loop, _gather_index_select
+from smoe.dispatch.reference import reference_dispatch
 from test_dispatch_common import assert_matches_reference, make_problem
 
 
@@ -30,6 +31,9 @@ CPU_ENGINES = {
     "sorted_grouped_mm": sorted_grouped,
     "gather_host_loop": _gather_host_loop,
     "gather_index_select": _gather_index_select,  # the accelerator path, run here on CPU
+    # The CPU decode loop (no autograd in the engine; under autograd it is still exact, so
+    # the gradient checks below hold for it too).
+    "gather_decode": _gather_decode,
     "auto": ENGINES["auto"],
 }
 
@@ -51,6 +55,36 @@ def problems(draw):
 def test_engine_equals_reference_fp32(name, spec):
     T, D, F, E, K, seed = spec
     assert_matches_reference(CPU_ENGINES[name], make_problem(T, D, F, E, K, seed=seed))
+
+
+@pytest.mark.parametrize("name", sorted(CPU_ENGINES))
+@settings(max_examples=25, deadline=None)
+@given(spec=problems())
+def test_engine_equals_reference_without_grad(name, spec):
+    """Without autograd the engines take other paths: the decode loop (gather on CPU), and
+    in-place silu * h3 in the grouped products."""
+    T, D, F, E, K, seed = spec
+    x, ids, wts, w1, w2, w3 = make_problem(T, D, F, E, K, seed=seed)
+    with torch.no_grad():
+        got = CPU_ENGINES[name](x, ids, wts, w1, w2, w3)
+        want = reference_dispatch(x, ids, wts, w1, w2, w3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_loop_runs_without_grad(monkeypatch):
+    """gather on CPU takes the decode loop exactly when no gradient is needed and T*K <= E."""
+    from smoe.dispatch import gather
+
+    calls = []
+    monkeypatch.setattr(gather, "_gather_decode", lambda *a: calls.append(1) or _gather_decode(*a))
+    x, ids, wts, w1, w2, w3 = make_problem(1, 8, 16, 4, 2)
+    with torch.no_grad():
+        gather.gather_dispatch(x, ids, wts, w1, w2, w3)
+    assert calls == [1]
+    with torch.no_grad():
+        gather.gather_dispatch(*make_problem(3, 8, 16, 4, 2))  # 6 assignments > 4 experts
+    assert_matches_reference(gather.gather_dispatch, (x, ids, wts, w1, w2, w3))  # with grad
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("name", sorted(CPU_ENGINES))
@@ -88,6 +122,16 @@ EDGE = edge_cases()
 @pytest.mark.parametrize("case", sorted(EDGE))
 def test_edge_cases(name, case):
     assert_matches_reference(CPU_ENGINES[name], EDGE[case])
+
+
+@pytest.mark.parametrize("name", sorted(CPU_ENGINES))
+@pytest.mark.parametrize("case", sorted(EDGE))
+def test_edge_cases_without_grad(name, case):
+    x, ids, wts, w1, w2, w3 = EDGE[case]
+    with torch.no_grad():
+        got = CPU_ENGINES[name](x, ids, wts, w1, w2, w3)
+        want = reference_dispatch(x, ids, wts, w1, w2, w3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def non_contiguous(x, wts, w1, w2, w3):

@@ -7,7 +7,11 @@ With T=1, K=2 a layer touches 2 of the E experts; reading all E (as a grouped pr
 every expert does) would cost E/K times the memory traffic. Two ways, by device:
 
 - CPU: reading the ids on the host costs nothing (no device to wait for), so loop over the
-  experts actually chosen and use views of their weights: no copy at all.
+  experts actually chosen and use views of their weights: no copy at all. Without autograd
+  and with at most E assignments (decoding), a direct loop of matrix-vector products with no
+  permutation (``_gather_decode``): at T = 1 the layer is six matrix-vector products of a few
+  ms, and the sorted engine's sort, permutations and autograd Functions (about 50 small ops)
+  cost a sizeable fraction of that.
 - accelerators: a host read would stall the stream and break CUDA graphs, so gather the chosen
   experts' weights with ``index_select`` (one copy of K experts per token) and use ``bmm``.
   Fine for a handful of tokens; for many it copies far more than the weights themselves.
@@ -18,13 +22,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.dispatch.reference import swiglu
 from smoe.dispatch.sorted_engine import sorted_dispatch
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _gather_host_loop(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     """Views of the chosen experts' weights, one SwiGLU per chosen expert on its rows: the
     sorted engine's loop, which reads the per-expert counts on the host and skips empty experts."""
     return sorted_dispatch(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD, grouped=False)
+
+
+def _gather_decode(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+    """No autograd: each chosen expert on its tokens, matrix-vector products for single rows."""
+    E, K = w1_EFD.shape[0], expert_ids_TK.shape[1]
+    assignments_by_expert: dict[int, list[int]] = {}  # assignment a = token a // K, choice a % K
+    for a, e in enumerate(expert_ids_TK.reshape(-1).tolist()):
+        if e < E:  # id E: dropped by the capacity limit
+            assignments_by_expert.setdefault(e, []).append(a)
+    y_TD = torch.zeros_like(x_TD)
+    gate_A = weights_TK.reshape(-1).to(x_TD.dtype)
+    for e, assignments in assignments_by_expert.items():
+        if len(assignments) == 1:
+            a = assignments[0]
+            x_D = x_TD[a // K]
+            g_F = F.silu(torch.mv(w1_EFD[e], x_D)).mul_(torch.mv(w3_EFD[e], x_D))
+            y_TD[a // K] += torch.mv(w2_EDF[e], g_F).mul_(gate_A[a])
+        else:
+            a_N = torch.tensor(assignments, device=x_TD.device)
+            token_N = a_N // K
+            o_ND = swiglu(x_TD.index_select(0, token_N), w1_EFD[e], w2_EDF[e], w3_EFD[e])
+            y_TD.index_add_(0, token_N, o_ND.mul_(gate_A[a_N].unsqueeze(-1)))
+    return y_TD
 
 
 def _gather_index_select(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
@@ -51,5 +83,12 @@ def gather_dispatch(
     w2_EDF: torch.Tensor,
     w3_EFD: torch.Tensor,
 ) -> torch.Tensor:
-    impl = _gather_host_loop if x_TD.device.type == "cpu" else _gather_index_select
+    if x_TD.device.type != "cpu":
+        impl = _gather_index_select
+    elif expert_ids_TK.numel() <= w1_EFD.shape[0] and not _needs_grad(
+        x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD
+    ):
+        impl = _gather_decode
+    else:
+        impl = _gather_host_loop
     return impl(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD)

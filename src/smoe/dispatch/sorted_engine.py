@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from smoe.dispatch.grouped_experts import GroupedExperts
 from smoe.dispatch.loop_experts import LoopExperts
 from smoe.dispatch.padded_experts import PaddedExperts, use_padded
 from smoe.dispatch.permute import Permutation, combine, sort_by_expert, tokens_to_rows
@@ -50,14 +51,8 @@ def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
 
 def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     offs_E = p.counts_E.cumsum(0).to(torch.int32)
-    # Rows past offs[-1] (dropped assignments) are left unwritten by grouped_mm, in the forward
-    # and in its input gradient. Zeroing them on the way in masks that gradient; combine()
-    # masks the output rows.
-    x_AD = torch.where(p.valid_A1, x_AD, 0)
-    h1_AF = torch._grouped_mm(x_AD, w1_EFD.transpose(-2, -1), offs=offs_E)
-    h3_AF = torch._grouped_mm(x_AD, w3_EFD.transpose(-2, -1), offs=offs_E)
-    g_AF = torch.nn.functional.silu(h1_AF) * h3_AF
-    return torch._grouped_mm(g_AF, w2_EDF.transpose(-2, -1), offs=offs_E)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_AD, w1_EFD, w2_EDF, w3_EFD))
+    return GroupedExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, p.valid_A1, save)
 
 
 def _experts_loop(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:

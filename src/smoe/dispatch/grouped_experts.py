@@ -1,0 +1,68 @@
+"""Expert SwiGLUs through ``torch._grouped_mm`` (exact rows per expert, no padding, no host
+read of the counts), with a hand-written backward.
+
+Legend: A sorted rows, D model dim, E experts, F expert hidden dim.
+
+Why a hand-written backward instead of autograd through the three grouped products:
+- The weight gradients come from one grouped product each with the rows as the grouped
+  reduction dimension (``_grouped_mm(dh1_AF.t(), x_AD, offs)`` -> (E, F, D)), written once,
+  zeros for experts without rows.
+- Fewer (A, F) temporaries. Every such tensor is large (A = 8192, F = 3584: 117 MB in float32),
+  above glibc's mmap threshold, so each fresh one costs page faults on first touch; autograd's
+  silu and product backward allocate several more than the four below. Without gradients the
+  forward does silu and the product in place (two (A, F) tensors instead of four).
+- h1 and h3 are saved; silu(h1) * h3 is recomputed in the backward instead of kept.
+
+Rows past offs[-1] (dropped assignments, sorted last) are never written by grouped_mm: their
+output and input-gradient rows hold garbage, which the caller masks (``combine`` masks the
+output; the input gradient is masked here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class GroupedExperts(torch.autograd.Function):
+    """x_AD (rows sorted by expert), offs_E (int32 cumulative rows per expert) -> o_AD."""
+
+    @staticmethod
+    def forward(ctx, x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, valid_A1, save: bool):
+        h1_AF = _gmm(x_AD, w1_EFD.transpose(-2, -1), offs_E)
+        h3_AF = _gmm(x_AD, w3_EFD.transpose(-2, -1), offs_E)
+        if save:
+            g_AF = F.silu(h1_AF) * h3_AF
+            ctx.save_for_backward(x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, valid_A1, h1_AF, h3_AF)
+        else:
+            g_AF = F.silu(h1_AF, inplace=True).mul_(h3_AF)
+        return _gmm(g_AF, w2_EDF.transpose(-2, -1), offs_E)
+
+    @staticmethod
+    def backward(ctx, do_AD):
+        x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, valid_A1, h1_AF, h3_AF = ctx.saved_tensors
+        do_AD = do_AD.contiguous()  # grouped_mm rejects expanded (stride-0) gradients
+        dg_AF = _gmm(do_AD, w2_EDF, offs_E)
+        sig_AF = torch.sigmoid(h1_AF)
+        silu_AF = h1_AF * sig_AF
+        # d silu(h)/dh = sig * (1 + h * (1 - sig)) = sig * (1 + h - silu)
+        dh1_AF = torch.sub(h1_AF, silu_AF).add_(1).mul_(sig_AF).mul_(h3_AF).mul_(dg_AF)
+        del sig_AF
+        dh3_AF = dg_AF.mul_(silu_AF)  # dg is not needed any more: reuse its memory
+        g_AF = silu_AF.mul_(h3_AF)  # silu(h1) * h3, the down projection's input
+        need = ctx.needs_input_grad
+        dx_AD = dw1 = dw2 = dw3 = None
+        if need[0]:
+            dx_AD = _gmm(dh1_AF, w1_EFD, offs_E).add_(_gmm(dh3_AF, w3_EFD, offs_E))
+            dx_AD = torch.where(valid_A1, dx_AD, 0)
+        if need[1]:
+            dw1 = _gmm(dh1_AF.t(), x_AD, offs_E)
+        if need[2]:
+            dw2 = _gmm(do_AD.t(), g_AF, offs_E)
+        if need[3]:
+            dw3 = _gmm(dh3_AF.t(), x_AD, offs_E)
+        return dx_AD, dw1, dw2, dw3, None, None, None
