@@ -1,7 +1,9 @@
 """CPU decode speed: smoe's Generator against transformers' ``generate`` on the same weights.
 
-smoe is measured as loaded and with ``cpu_layout=True`` (weights stored transposed in memory,
-``smoe.generate.relayout_for_cpu_decode``), the layout ``smoe generate`` uses on CPU.
+smoe is measured two ways: ``smoe (ENGINE)`` decodes with the model's own forward and the given
+dispatch engine (the readable reference path), and ``smoe fast`` with ``cpu_layout=True``: the
+CPU weight layout (``smoe.decode_layout``) and the lean decode step (``smoe.fast_decode``), what
+``smoe generate``/``chat`` use on CPU.
 
 The model is the ``small`` preset (about 36M parameters, 4 layers, 8 experts, top-2), built
 with a fixed seed, saved with ``smoe.save_model`` and loaded by both libraries. Both decode
@@ -14,11 +16,13 @@ hits them alike.
 
     python benchmarks/cpu_decode.py                      # batch 1 and 8, 1 thread
     python benchmarks/cpu_decode.py --threads 2 --dispatch auto reference
+    python benchmarks/cpu_decode.py --dispatch          # only smoe fast and transformers
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -60,7 +64,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dispatch", nargs="+", default=["auto"], help="smoe engines to measure")
+    ap.add_argument(
+        "--dispatch", nargs="*", default=["auto"], help="engines for the model-forward rows (none: skip them)"
+    )
     ap.add_argument(
         "--compile", action="store_true", help="also measure smoe with a torch.compile'd decode step"
     )
@@ -72,11 +78,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     smoe.save_model(smoe.build_model(cfg, seed=0), tmp.name)
     impls: dict[str, object] = {}
+    impls["smoe fast"] = Generator(smoe.load_model(tmp.name), cpu_layout=True)
     for engine in args.dispatch:
         impls[f"smoe ({engine})"] = Generator(smoe.load_model(tmp.name, dispatch=engine))
-        impls[f"smoe ({engine}, cpu layout)"] = Generator(
-            smoe.load_model(tmp.name, dispatch=engine), cpu_layout=True
-        )
         if args.compile:
             impls[f"smoe ({engine}, compiled)"] = Generator(
                 smoe.load_model(tmp.name, dispatch=engine), compile=True
@@ -89,7 +93,8 @@ def main() -> None:
         ).eval()
     params = sum(p.numel() for p in next(iter(impls.values())).model.parameters()) / 1e6
     print(
-        f"preset {args.preset}: {params:.1f}M parameters, threads {args.threads}, torch {torch.__version__}"
+        f"preset {args.preset}: {params:.1f}M parameters, threads {args.threads}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
 
     gen_rng = torch.Generator().manual_seed(0)
@@ -119,6 +124,7 @@ def main() -> None:
     print("| implementation | batch | decode tok/s (total) | range | vs transformers (paired median) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

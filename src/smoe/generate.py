@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smoe import fast_decode
 from smoe.cache import KVCache
+from smoe.decode_layout import apply_decode_layout
 from smoe.sampling import SamplingConfig, make_generators, sample
 from smoe.textstream import TextStream
 
@@ -93,34 +95,23 @@ class TokenStep:
     finished: list[str | None] = field(default_factory=list)
 
 
-@torch.no_grad()
-def relayout_for_cpu_decode(model: torch.nn.Module) -> torch.nn.Module:
-    """Store every weight matrix transposed in memory, in place: same shapes, same values,
-    column-major strides. ``F.linear(x, W)`` then multiplies by a contiguous (in, out) matrix,
-    and with MKL on this team's AMD CPUs that single-row product is several times faster than
-    the row-major one (4.5x for the 256 x 32000 output head; docs/benchmarks.md). Prefill and
-    training still work, at the speed of the other layout."""
-    for p in model.parameters():
-        if p.ndim >= 2 and p.is_contiguous():
-            p.data = p.data.transpose(-2, -1).contiguous().transpose(-2, -1)
-    return model
-
-
 class Generator:
     """A model, an optional tokenizer (for text in and out), and its decode step.
 
-    ``compile=True`` wraps the single-token decode step in ``torch.compile`` (static shapes,
-    the cache is reused between calls of the same batch size and length); prefill stays eager.
-    On CPU it does not pay today: the gather engine reads expert ids on the host, so dynamo
-    recompiles per expert id, and the sorted engine's grouped_mm does not trace in float32.
-    ``cpu_layout=True`` applies ``relayout_for_cpu_decode`` to the model (in place).
+    ``cpu_layout=True`` (what ``smoe generate``/``chat`` use on CPU) lays the weights out for CPU
+    decoding, in place and with the same values (``smoe.decode_layout``), and decodes with the
+    lean single-token step (``smoe.fast_decode``) where that supports the model; prefill stays
+    the model's own forward. The lean step equals the model up to float rounding and is several
+    times faster at batch 1 (docs/benchmarks.md). ``compile=True`` instead wraps the model's
+    single-token step in ``torch.compile`` (static shapes, the cache is reused between calls of
+    the same batch size and length). On CPU it does not pay today: the gather engine reads
+    expert ids on the host, so dynamo recompiles per expert id, and the sorted engine's
+    grouped_mm does not trace in float32.
     """
 
     def __init__(
         self, model: torch.nn.Module, tokenizer=None, compile: bool = False, cpu_layout: bool = False
     ):
-        if cpu_layout:
-            relayout_for_cpu_decode(model)
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -129,7 +120,13 @@ class Generator:
                 f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but the model's "
                 f"vocab_size is {self.config.vocab_size}: its ids would not fit the embedding"
             )
-        self._decode_step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] = self._forward
+        if compile:
+            self._decode_step = torch.compile(self._forward, dynamic=False)
+        elif cpu_layout and fast_decode.supports(model) is None:
+            self._decode_step = fast_decode.FastDecodeStep(model)
+        if cpu_layout:
+            apply_decode_layout(model)
         self._cache: KVCache | None = None
 
     def _forward(self, tokens_BT: torch.Tensor, pos_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -208,6 +205,8 @@ class Generator:
             pos_BL[b, L - len(ids) :] = torch.arange(len(ids))
         tokens_BL, pos_BL = tokens_BL.to(device), pos_BL.to(device)
         cache = self._get_cache(B, L + cfg.max_new_tokens)
+        if isinstance(self._decode_step, fast_decode.FastDecodeStep):
+            self._decode_step.refresh()
         for s in range(0, L, cfg.prefill_chunk):
             e = min(L, s + cfg.prefill_chunk)
             logits_BV = self._forward(tokens_BL[:, s:e], pos_BL[:, s:e], cache)

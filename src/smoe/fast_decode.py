@@ -1,0 +1,183 @@
+"""A lean single-token decode step for CPU: the model's decode math in about 30 tensor ops per
+layer, on the weights laid out by ``smoe.decode_layout``.
+
+Legend: B batch rows, D model dim, H query heads, G kv heads, Hd head dim, S cache slots (plus
+the junk slot), E experts, F expert hidden dim, K chosen experts, A = B * K assignments,
+V vocabulary, P positions the cache can hold.
+
+Why a second implementation of the step: at batch 1 a decode step of the ``small`` preset reads
+~55 MB of weights (a few ms at this CPU's bandwidth), but the readable model spends ~1500 tensor
+ops on it, each with a fixed cost of several microseconds (far more when the machine is
+loaded). This step computes the same function with a few hundred:
+
+- one product for q, k and v together, and the residual add fused into the output products
+  (``addmm``);
+- rotary cos/sin looked up from a table for the cache's positions, built once, instead of
+  computed per layer; the "rotate half" sign folded into the sin table;
+- the position -> slot map and the attention mask computed once per step for all layers, and
+  keys/values written straight into their slot (``index_put_``);
+- routing read on the host (free on CPU: there is no device to wait for), so only the chosen
+  experts' weights are touched, with one up product (w1 and w3 fused) and one down product per
+  expert; with several rows the rows are grouped by expert with a single gather and a single
+  scatter-add;
+- the logits come from one product with the (D, V) head.
+
+It equals ``Transformer.forward`` on one token per row with the same ``KVCache`` (same cache
+protocol: slot = position mod S, negative positions write the junk slot and see every key), up
+to float rounding; ``tests/test_generate_fast_decode.py`` checks it against the model, with
+rolling buffers that wrap and batches of different prompt lengths. It keeps the cache usable by
+the model's own forward afterwards (it maintains ``pos_BS``).
+
+Not supported (``supports`` says why): capacity-limited routing (it may drop assignments at
+T = 1), and devices other than CPU (the host reads would be synchronisations there).
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+
+from smoe.cache import KVCache
+from smoe.decode_layout import DecodeWeights, apply_decode_layout
+from smoe.model.layers import causal_mask, rope_cos_sin
+from smoe.model.moe import MoE
+
+
+def supports(model: torch.nn.Module) -> str | None:
+    """None if ``FastDecodeStep`` computes exactly what ``model`` does, else the reason it cannot."""
+    if model.tok_embeddings.weight.device.type != "cpu":
+        return "the fast decode step is for CPU (it reads routing on the host)"
+    if model.config.capacity_factor is not None:
+        return "capacity-limited routing can drop assignments, which the fast step does not model"
+    for block in model.layers:
+        ff = block.feed_forward
+        if isinstance(ff, MoE) and ff.capacity_factor is not None:
+            return "capacity-limited routing can drop assignments, which the fast step does not model"
+    return None
+
+
+class FastDecodeStep:
+    """``step(tokens_B1, pos_B1, cache) -> logits_BV``: one token per row, like
+    ``model(tokens_B1, pos_B1, cache)[:, -1]``. Lays the model out (``apply_decode_layout``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        reason = supports(model)
+        if reason is not None:
+            raise ValueError(f"FastDecodeStep: {reason}")
+        cfg = model.config
+        self.model = model
+        self.w: DecodeWeights = apply_decode_layout(model)
+        self.H, self.G, self.Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.top_k = cfg.top_k
+        self.eps = cfg.norm_eps
+        self.window = cfg.sliding_window
+        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def refresh(self) -> None:
+        """Lay the model out again if something re-created its parameters since (``.to()``,
+        ``load_state_dict(assign=True)``). Checking costs ~40 pointer comparisons, so callers
+        do it once per generation, not per step (``Generator`` does)."""
+        if not self.w.is_current():
+            self.w = apply_decode_layout(self.model)
+
+    def _rope_tables(self, n_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_PHd and the signed sin_PHd for positions 0..n_pos-1, from the model's own
+        ``rope_cos_sin`` (so the values are the ones the full forward uses)."""
+        if self._rope is None or self._rope[0] < n_pos or self._rope[1].dtype != dtype:
+            pos_1P = torch.arange(n_pos, device=self.w.head_DV.device)[None]
+            cos, sin = rope_cos_sin(pos_1P, self.Hd, self.model.config.rope_theta, dtype)
+            half = self.Hd // 2
+            # x * cos + cat(-x2, x1) * sin  ==  x * cos + roll(x, half) * cat(-sin1, sin2)
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            self._rope = (n_pos, cos[0, 0], sin[0, 0])
+        return self._rope[1], self._rope[2]
+
+    def _norm(self, x_BD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
+        if x_BD.dtype == torch.float32:
+            return F.rms_norm(x_BD, (x_BD.shape[-1],), w_D, self.eps)
+        x32 = x_BD.float()  # the reference RMSNorm, for lower-precision activations
+        return w_D * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x_BD.dtype)
+
+    @torch.inference_mode()
+    def __call__(self, tokens_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B = tokens_B1.shape[0]
+        if tokens_B1.shape != (B, 1) or pos_B1.shape != (B, 1):
+            raise ValueError(f"FastDecodeStep: one token per row, got {tuple(tokens_B1.shape)}")
+        if B != cache.batch_size:
+            raise ValueError(f"KVCache: batch of {B} rows, but the cache was built for {cache.batch_size}")
+        embed_VD = self.model.tok_embeddings.weight
+        x_BD = F.embedding(tokens_B1[:, 0], embed_VD)
+        cos_PHd, sin_PHd = self._rope_tables(cache.max_len, x_BD.dtype)
+
+        # Once per step for every layer: the slot each row writes, the mask, the rotation.
+        S = cache.n_slots
+        pos_B = pos_B1[:, 0]
+        slot_B = torch.where(pos_B >= 0, pos_B % S, S)
+        rows_B = torch.arange(B, device=x_BD.device)
+        cache.pos_BS.index_put_((rows_B, slot_B), pos_B)
+        visible_B11S = causal_mask(pos_B1, cache.pos_BS, self.window) | (pos_B1 < 0)[:, None, :, None]
+        mask_B11S = torch.zeros(visible_B11S.shape, dtype=x_BD.dtype).masked_fill_(~visible_B11S, -torch.inf)
+        at_B = pos_B.clamp(min=0)  # padding rows rotate by position 0; their outputs are unused
+        cos_B1d, sin_B1d = cos_PHd[at_B].unsqueeze(1), sin_PHd[at_B].unsqueeze(1)
+
+        H, G, Hd = self.H, self.G, self.Hd
+        for i, lw in enumerate(self.w.layers):
+            h_BD = self._norm(x_BD, lw.attention_norm_D)
+            qkv_BQ = torch.mm(h_BD, lw.wqkv_DQ)
+            qk_BNd = qkv_BQ[:, : (H + G) * Hd].view(B, H + G, Hd)
+            qk_BNd = torch.addcmul(qk_BNd * cos_B1d, qk_BNd.roll(Hd // 2, dims=-1), sin_B1d)
+            v_BGd = qkv_BQ[:, (H + G) * Hd :].view(B, G, Hd)
+            kc_BGSd, vc_BGSd = cache.k_BGSd[i], cache.v_BGSd[i]
+            kc_BGSd.transpose(1, 2).index_put_((rows_B, slot_B), qk_BNd[:, H:])
+            vc_BGSd.transpose(1, 2).index_put_((rows_B, slot_B), v_BGd)
+            o_BH1d = F.scaled_dot_product_attention(
+                qk_BNd[:, :H].unsqueeze(2), kc_BGSd, vc_BGSd, attn_mask=mask_B11S, enable_gqa=H != G
+            )
+            x_BD = torch.addmm(x_BD, o_BH1d.reshape(B, H * Hd), lw.wo_QD)
+            x_BD = self._experts(x_BD, self._norm(x_BD, lw.ffn_norm_D), lw)
+        return torch.mm(self._norm(x_BD, self.w.norm_D), self.w.head_DV)
+
+    def _route(self, h_BD: torch.Tensor, gate_DE: torch.Tensor | None) -> tuple[list, list]:
+        """Host lists: each row's chosen experts (best first) and their weights."""
+        B = h_BD.shape[0]
+        if gate_DE is None:
+            return [[0]] * B, [[1.0]] * B
+        logits_BE = torch.mm(h_BD.float(), gate_DE.float())  # router math in float32, as the model
+        top_BK, ids_BK = torch.topk(logits_BE, self.top_k, dim=-1)
+        return ids_BK.tolist(), torch.softmax(top_BK, dim=-1).to(h_BD.dtype).tolist()
+
+    def _experts(self, x_BD: torch.Tensor, h_BD: torch.Tensor, lw) -> torch.Tensor:
+        """x + the mixture of experts on h (one SwiGLU per chosen expert)."""
+        ids, weights = self._route(h_BD, lw.gate_DE)
+        F_ = lw.w2_EFD.shape[1]
+        if len(ids) == 1:  # one row: each chosen expert adds straight into the residual
+            for e, w in zip(ids[0], weights[0]):
+                h13_1F2 = torch.mm(h_BD, lw.w13_EDF2[e])
+                g_1F = F.silu(h13_1F2[:, :F_]).mul_(h13_1F2[:, F_:])
+                x_BD = torch.addmm(x_BD, g_1F, lw.w2_EFD[e], alpha=w)
+            return x_BD
+        # Several rows: group the A assignments by expert (a stable host sort keeps token order
+        # within an expert), gather the rows once, one up and one down product per chosen
+        # expert on its block of rows, scatter-add back once.
+        flat = sorted(
+            ((e, b, w) for b, (ids_K, w_K) in enumerate(zip(ids, weights)) for e, w in zip(ids_K, w_K)),
+            key=lambda a: a[0],
+        )
+        row_A = torch.tensor([b for _, b, _ in flat], device=x_BD.device)
+        w_A1 = torch.tensor([[w] for _, _, w in flat], dtype=x_BD.dtype, device=x_BD.device)
+        x_AD = h_BD.index_select(0, row_A)
+        h13_AF2 = x_AD.new_empty(len(flat), 2 * F_)
+        o_AD = torch.empty_like(x_AD)
+        blocks, s = [], 0
+        for e, group in groupby(a[0] for a in flat):
+            n = sum(1 for _ in group)
+            blocks.append((e, s, s + n))
+            s += n
+        for e, s, t in blocks:
+            torch.mm(x_AD[s:t], lw.w13_EDF2[e], out=h13_AF2[s:t])
+        g_AF = F.silu(h13_AF2[:, :F_]).mul_(h13_AF2[:, F_:])
+        for e, s, t in blocks:
+            torch.mm(g_AF[s:t], lw.w2_EFD[e], out=o_AD[s:t])
+        return x_BD.index_add_(0, row_A, o_AD.mul_(w_A1))

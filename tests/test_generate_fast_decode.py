@@ -1,0 +1,163 @@
+"""The lean CPU decode step (smoe.fast_decode) against the readable model: per-step logits equal
+the model's own cached forward and the full forward over the whole sequence, with rolling
+buffers that wrap, left-padded rows of different lengths, dense and tied-embedding models; the
+weight layout (smoe.decode_layout) keeps every value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smoe
+from smoe.cache import KVCache
+from smoe.decode_layout import apply_decode_layout
+from smoe.fast_decode import FastDecodeStep, supports
+from smoe.generate import GenerationConfig, Generator
+
+LENS = [9, 3, 6]  # prompt lengths of the batch rows (left-padded to the longest)
+STEPS = 12
+
+
+def _prefill(model, toks_BT: torch.Tensor, lens: list[int], max_len: int) -> tuple[KVCache, torch.Tensor]:
+    """Left-padded prefill through the model's forward (as smoe.generate does)."""
+    B, L = len(lens), max(lens)
+    tokens_BL = torch.zeros(B, L, dtype=torch.long)
+    pos_BL = torch.full((B, L), -1)
+    for b, n in enumerate(lens):
+        tokens_BL[b, L - n :] = toks_BT[b, :n]
+        pos_BL[b, L - n :] = torch.arange(n)
+    cache = KVCache.for_model(model, B, max_len)
+    model(tokens_BL, pos_BL, cache)
+    return cache, pos_BL
+
+
+def _decode_both(model, lens: list[int], seed: int = 0):
+    """Decode STEPS tokens per row with the fast step and with the model, each on its own cache,
+    feeding the same (random) tokens. Returns both logits (B, STEPS, V), the tokens and caches."""
+    B = len(lens)
+    V = model.config.vocab_size
+    toks_BT = torch.randint(3, V, (B, max(lens) + STEPS), generator=torch.Generator().manual_seed(seed))
+    max_len = max(lens) + STEPS
+    with torch.inference_mode():
+        ref_cache, _ = _prefill(model, toks_BT, lens, max_len)
+        fast_cache, _ = _prefill(model, toks_BT, lens, max_len)
+        step = FastDecodeStep(model)
+        ref, got = [], []
+        for j in range(STEPS):
+            tok_B1 = torch.stack([toks_BT[b, n + j] for b, n in enumerate(lens)])[:, None]
+            pos_B1 = torch.tensor(lens)[:, None] + j
+            ref.append(model(tok_B1, pos_B1, ref_cache)[:, -1])
+            got.append(step(tok_B1, pos_B1, fast_cache))
+    return torch.stack(ref, 1), torch.stack(got, 1), toks_BT, ref_cache, fast_cache
+
+
+CASES = {
+    "moe-full-buffer": dict(),
+    "moe-window-wraps": dict(sliding_window=4),  # 4 < 9 + 12: the rolling buffer wraps
+    "moe-mqa-top1": dict(num_key_value_heads=1, num_experts_per_tok=1),
+    "moe-no-gqa-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "dense-mistral-window": dict(num_local_experts=1, sliding_window=5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_step_equals_model(make_hf, case):
+    directory, ref_hf = make_hf(**CASES[case])
+    model = smoe.load_model(directory)
+    ref, got, toks_BT, ref_cache, fast_cache = _decode_both(model, LENS)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    # The cache the fast step leaves behind is the model's: same slot positions, same keys.
+    assert torch.equal(fast_cache.pos_BS, ref_cache.pos_BS)
+    for k_fast, k_ref in zip(fast_cache.k_BGSd + fast_cache.v_BGSd, ref_cache.k_BGSd + ref_cache.v_BGSd):
+        torch.testing.assert_close(k_fast, k_ref, atol=2e-5, rtol=0)
+    # And each row's decode logits are those of one full forward over its whole sequence,
+    # in smoe and in transformers.
+    with torch.no_grad():
+        for b, n in enumerate(LENS):
+            seq_1T = toks_BT[b : b + 1, : n + STEPS]
+            full = model(seq_1T)[0, n : n + STEPS]
+            torch.testing.assert_close(got[b], full, atol=2e-5, rtol=0)
+            torch.testing.assert_close(got[b], ref_hf(seq_1T).logits[0, n : n + STEPS], atol=1e-4, rtol=0)
+
+
+def test_model_forward_continues_after_fast_steps(make_hf):
+    """Fast steps then a multi-token chunk through the model (which reads the cache the fast
+    steps wrote, rolling buffer included) equal the full forward."""
+    directory, _ = make_hf(sliding_window=5)
+    model = smoe.load_model(directory)
+    toks_1T = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, 20)
+        model(toks_1T[:, :6], None, cache)
+        step = FastDecodeStep(model)
+        for p in range(6, 13):
+            step(toks_1T[:, p : p + 1], torch.tensor([[p]]), cache)
+        tail = model(toks_1T[:, 13:], torch.arange(13, 20)[None], cache)
+        torch.testing.assert_close(tail, model(toks_1T)[:, 13:], atol=2e-5, rtol=0)
+
+
+def test_layout_keeps_values_and_checkpoints(make_hf, tmp_path):
+    directory, _ = make_hf(tie_word_embeddings=True)
+    model = smoe.load_model(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens)
+    w = apply_decode_layout(model)
+    assert apply_decode_layout(model) is w  # idempotent
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert model.output.weight is model.tok_embeddings.weight  # still tied
+    # The parameters are views of the fused buffers, e.g. wk is the middle block of wqkv.
+    a = model.layers[0].attention
+    assert a.wk.weight.data_ptr() == w.layers[0].wqkv_DQ[:, a.wq.weight.shape[0]].data_ptr()
+    assert model.layers[1].feed_forward.w3.data_ptr() == w.layers[1].w13_EDF2[0, 0, 48].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), logits, atol=1e-5, rtol=0)
+    smoe.save_model(model, tmp_path / "saved")
+    reloaded = smoe.load_model(tmp_path / "saved")
+    assert all(torch.equal(reloaded.state_dict()[k], before[k]) for k in before)
+
+
+def test_refresh_after_parameters_are_replaced(make_hf):
+    """load_state_dict(assign=True) replaces the parameters: the step must not keep decoding
+    with the old buffers."""
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    gen = Generator(model, cpu_layout=True)
+    assert isinstance(gen._decode_step, FastDecodeStep)
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    new_sd = {k: v.clone() * 1.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(new_sd, assign=True)
+    assert not gen._decode_step.w.is_current()
+    got = gen.generate([[1, 5, 9]], cfg)[0].token_ids
+    assert gen._decode_step.w.is_current()
+    expected = smoe.load_model(directory)
+    expected.load_state_dict(new_sd)
+    assert Generator(expected).generate([[1, 5, 9]], cfg)[0].token_ids == got
+
+
+def test_generator_uses_fast_step_only_where_exact(make_hf):
+    directory, _ = make_hf()
+    assert isinstance(Generator(smoe.load_model(directory), cpu_layout=True)._decode_step, FastDecodeStep)
+    assert not isinstance(Generator(smoe.load_model(directory))._decode_step, FastDecodeStep)
+    capped = smoe.load_model(directory)
+    for block in capped.layers:
+        block.feed_forward.capacity_factor = 1.0
+    assert "capacity" in supports(capped)
+    with pytest.raises(ValueError, match="capacity"):
+        FastDecodeStep(capped)
+    gen = Generator(capped, cpu_layout=True)  # falls back to the model's step, laid out
+    assert not isinstance(gen._decode_step, FastDecodeStep)
+    assert not capped.output.weight.is_contiguous()
+
+
+def test_fast_step_rejects_wrong_shapes(make_hf):
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    step, cache = FastDecodeStep(model), KVCache.for_model(model, 2, 8)
+    with pytest.raises(ValueError, match="one token per row"):
+        step(torch.ones(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="built for 2"):
+        step(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), cache)
