@@ -28,6 +28,18 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def silu_mul_backward(h1_XF: torch.Tensor, h3_XF: torch.Tensor, dg_XF: torch.Tensor):
+    """Gradients of g = silu(h1) * h3 given dg, and g itself, with three new tensors of h1's
+    size (dg's memory is reused for dh3, so the caller must not need dg afterwards).
+    d silu(h)/dh = sig * (1 + h * (1 - sig)) = sig * (1 + h - silu)."""
+    sig_XF = torch.sigmoid(h1_XF)
+    silu_XF = h1_XF * sig_XF
+    dh1_XF = torch.sub(h1_XF, silu_XF).add_(1).mul_(sig_XF).mul_(h3_XF).mul_(dg_XF)
+    del sig_XF
+    dh3_XF = dg_XF.mul_(silu_XF)
+    return dh1_XF, dh3_XF, silu_XF.mul_(h3_XF)
+
+
 class GroupedExperts(torch.autograd.Function):
     """x_AD (rows sorted by expert), offs_E (int32 cumulative rows per expert) -> o_AD."""
 
@@ -47,13 +59,7 @@ class GroupedExperts(torch.autograd.Function):
         x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, valid_A1, h1_AF, h3_AF = ctx.saved_tensors
         do_AD = do_AD.contiguous()  # grouped_mm rejects expanded (stride-0) gradients
         dg_AF = _gmm(do_AD, w2_EDF, offs_E)
-        sig_AF = torch.sigmoid(h1_AF)
-        silu_AF = h1_AF * sig_AF
-        # d silu(h)/dh = sig * (1 + h * (1 - sig)) = sig * (1 + h - silu)
-        dh1_AF = torch.sub(h1_AF, silu_AF).add_(1).mul_(sig_AF).mul_(h3_AF).mul_(dg_AF)
-        del sig_AF
-        dh3_AF = dg_AF.mul_(silu_AF)  # dg is not needed any more: reuse its memory
-        g_AF = silu_AF.mul_(h3_AF)  # silu(h1) * h3, the down projection's input
+        dh1_AF, dh3_AF, g_AF = silu_mul_backward(h1_AF, h3_AF, dg_AF)
         need = ctx.needs_input_grad
         dx_AD = dw1 = dw2 = dw3 = None
         if need[0]:

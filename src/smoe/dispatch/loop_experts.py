@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.dispatch.grouped_experts import silu_mul_backward
+
 ROW_BY_ROW_MAX = 16
 ROW_BY_ROW_MIN_WEIGHT = 1 << 20  # elements; for small weights the Python loop costs more
 
@@ -73,10 +75,7 @@ class LoopExperts(torch.autograd.Function):
         dg_AF = torch.zeros_like(h1_AF)
         for e, s, t in _segments(counts):
             _rows_times_wt(do_AD[s:t], w2_EDF[e].t(), dg_AF[s:t])
-        sig_AF = torch.sigmoid(h1_AF)
-        silu_AF = h1_AF * sig_AF
-        dh1_AF = dg_AF * h3_AF * sig_AF * (1 + h1_AF * (1 - sig_AF))
-        dh3_AF = dg_AF * silu_AF
+        dh1_AF, dh3_AF, g_AF = silu_mul_backward(h1_AF, h3_AF, dg_AF)
         dx_AD = torch.zeros_like(x_AD) if ctx.needs_input_grad[0] else None
         # Experts without rows get zero gradients from one fill of the whole tensor: per-expert
         # fills are many multi-threaded calls, each with a large fixed cost on the shared VM.
@@ -85,7 +84,6 @@ class LoopExperts(torch.autograd.Function):
             alloc(w.shape) if need else None
             for w, need in zip((w1_EFD, w2_EDF, w3_EFD), ctx.needs_input_grad[1:4])
         ]
-        g_AF = silu_AF * h3_AF if dws[1] is not None else None
         for e, s, t in _segments(counts):
             if dx_AD is not None:
                 tmp_ND = torch.empty_like(dx_AD[s:t])

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.dispatch.grouped_experts import silu_mul_backward
+
 PAD_MAX_WASTE = 1.25
 
 
@@ -54,17 +56,21 @@ class PaddedExperts(torch.autograd.Function):
     sum(counts) (dropped assignments) come out as zeros."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1_EFD, w2_EDF, w3_EFD, counts: list[int]):
+    def forward(ctx, x_AD, w1_EFD, w2_EDF, w3_EFD, counts: list[int], save: bool = True):
         E, n = len(counts), sum(counts)
         slot_EM, pos_R, M = _layout(counts, x_AD.device)
         x_EMD = _pad(x_AD, slot_EM, n, E, M)
         h1_EMF = torch.bmm(x_EMD, w1_EFD.transpose(1, 2))
         h3_EMF = torch.bmm(x_EMD, w3_EFD.transpose(1, 2))
-        o_EMD = torch.bmm(F.silu(h1_EMF) * h3_EMF, w2_EDF.transpose(1, 2))
+        if save:
+            g_EMF = F.silu(h1_EMF) * h3_EMF
+            ctx.save_for_backward(x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF, slot_EM, pos_R)
+            ctx.n = n
+        else:  # no backward: silu * h3 in place, two fewer (E, M, F) tensors
+            g_EMF = F.silu(h1_EMF, inplace=True).mul_(h3_EMF)
+        o_EMD = torch.bmm(g_EMF, w2_EDF.transpose(1, 2))
         o_AD = x_AD.new_zeros(x_AD.shape)
         o_AD[:n] = o_EMD.view(E * M, -1).index_select(0, pos_R)
-        ctx.save_for_backward(x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF, slot_EM, pos_R)
-        ctx.n = n
         return o_AD
 
     @staticmethod
@@ -72,11 +78,7 @@ class PaddedExperts(torch.autograd.Function):
         x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF, slot_EM, pos_R = ctx.saved_tensors
         n, (E, M, D) = ctx.n, x_EMD.shape
         do_EMD = _pad(do_AD.contiguous(), slot_EM, n, E, M)  # pads read zeros: no gradient
-        dg_EMF = torch.bmm(do_EMD, w2_EDF)
-        sig_EMF = torch.sigmoid(h1_EMF)
-        silu_EMF = h1_EMF * sig_EMF
-        dh1_EMF = dg_EMF * h3_EMF * sig_EMF * (1 + h1_EMF * (1 - sig_EMF))
-        dh3_EMF = dg_EMF * silu_EMF
+        dh1_EMF, dh3_EMF, g_EMF = silu_mul_backward(h1_EMF, h3_EMF, torch.bmm(do_EMD, w2_EDF))
         dx_AD = dw1 = dw2 = dw3 = None
         if ctx.needs_input_grad[0]:
             dx_EMD = torch.baddbmm(torch.bmm(dh1_EMF, w1_EFD), dh3_EMF, w3_EFD)
@@ -85,7 +87,7 @@ class PaddedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw1 = torch.bmm(dh1_EMF.transpose(1, 2), x_EMD)
         if ctx.needs_input_grad[2]:
-            dw2 = torch.bmm(do_EMD.transpose(1, 2), silu_EMF * h3_EMF)
+            dw2 = torch.bmm(do_EMD.transpose(1, 2), g_EMF)
         if ctx.needs_input_grad[3]:
             dw3 = torch.bmm(dh3_EMF.transpose(1, 2), x_EMD)
-        return dx_AD, dw1, dw2, dw3, None
+        return dx_AD, dw1, dw2, dw3, None, None
