@@ -8,8 +8,11 @@ Two changes, both invisible to the model's own ``forward`` (its parameters becom
 
 - **Transposed storage.** With MKL on this team's AMD CPUs, one row times a (in, out)
   contiguous matrix is several times faster than ``F.linear`` with the usual (out, in) row-major
-  weight (4.5x for the 256 x 32000 output head; docs/benchmarks.md). So every matrix is stored
-  as (in, out) and the parameter is its transposed view.
+  weight when out > in (4.5x for the 256 x 32000 output head, 1.8x for an expert's 256 x 1408
+  up projection; docs/benchmarks.md). So those matrices (q/k/v, the up projections, the head,
+  wo and the router) are stored as (in, out) and the parameter is its transposed view. The
+  down projection w2 (704 -> 256 in ``small``) is the other way round: there the usual layout
+  was 1.2-1.45x faster, so it stays as it is.
 - **Fusion.** wq, wk and wv become column blocks of one (D, Q) matrix, and each expert's w1 and
   w3 column blocks of one (D, 2F) matrix, so attention's input projection is one product and
   each chosen expert's up projection another. Example, D = 2, F = 1, one expert::
@@ -43,7 +46,14 @@ class DecodeLayer:
     wo_QD: torch.Tensor  # (H * Hd, D)
     gate_DE: torch.Tensor | None  # router weight; None for a dense feed-forward
     w13_EDF2: torch.Tensor  # columns [:F] are w1, [F:] are w3
-    w2_EFD: torch.Tensor
+    w2_EDF: torch.Tensor  # left as the model stores it
+    # Per-expert views, made once: indexing a Python list costs no tensor op per step.
+    w13_E: list[torch.Tensor] = field(init=False, repr=False)  # (D, 2F) each
+    w2t_E: list[torch.Tensor] = field(init=False, repr=False)  # (F, D) views of w2's transpose
+
+    def __post_init__(self) -> None:
+        self.w13_E = list(self.w13_EDF2.unbind(0))
+        self.w2t_E = [w.t() for w in self.w2_EDF.unbind(0)]
 
 
 @dataclass
@@ -109,10 +119,11 @@ def _layer(block: nn.Module, views: list) -> DecodeLayer:
     w13_EDF2 = torch.cat([w1_EFD, w3_EFD], dim=-2).transpose(-2, -1).contiguous()
     _point(views, *w1, w13_EDF2[..., :F_].transpose(-2, -1))
     _point(views, *w3, w13_EDF2[..., F_:].transpose(-2, -1))
-    w2_EFD = _transposed(views, *w2)
+    w2_EDF = getattr(*w2).detach().contiguous()  # (out, in): faster for this narrow product
+    _point(views, *w2, w2_EDF)
     gate_DE = _transposed(views, ff.gate, "weight") if isinstance(ff, MoE) else None
     if gate_DE is None:
-        w13_EDF2, w2_EFD = w13_EDF2.unsqueeze(0), w2_EFD.unsqueeze(0)
+        w13_EDF2, w2_EDF = w13_EDF2.unsqueeze(0), w2_EDF.unsqueeze(0)
     return DecodeLayer(
         _kept(views, block.attention_norm),
         _kept(views, block.ffn_norm),
@@ -120,7 +131,7 @@ def _layer(block: nn.Module, views: list) -> DecodeLayer:
         wo_QD,
         gate_DE,
         w13_EDF2,
-        w2_EFD,
+        w2_EDF,
     )
 
 

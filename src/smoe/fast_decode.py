@@ -45,6 +45,13 @@ from smoe.model.layers import causal_mask, rope_cos_sin
 from smoe.model.moe import MoE
 
 
+ONEDNN_HEAD_MIN_ROWS = 2
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def supports(model: torch.nn.Module) -> str | None:
     """None if ``FastDecodeStep`` computes exactly what ``model`` does, else the reason it cannot."""
     if model.tok_embeddings.weight.device.type != "cpu":
@@ -74,6 +81,8 @@ class FastDecodeStep:
         self.eps = cfg.norm_eps
         self.window = cfg.sliding_window
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._head_packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[KVCache, list] | None = None
 
     def refresh(self) -> None:
         """Lay the model out again if something re-created its parameters since (``.to()``,
@@ -93,6 +102,14 @@ class FastDecodeStep:
             sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
             self._rope = (n_pos, cos[0, 0], sin[0, 0])
         return self._rope[1], self._rope[2]
+
+    def _cache_views(self, cache: KVCache) -> list[tuple[torch.Tensor, ...]]:
+        """Each layer's key/value buffers and their (B, S, G, Hd) views for the slot writes,
+        made once per cache."""
+        if self._views is None or self._views[0] is not cache:
+            views = [(k, v, k.transpose(1, 2), v.transpose(1, 2)) for k, v in zip(cache.k_BGSd, cache.v_BGSd)]
+            self._views = (cache, views)
+        return self._views[1]
 
     def _norm(self, x_BD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
         if x_BD.dtype == torch.float32:
@@ -123,40 +140,56 @@ class FastDecodeStep:
         cos_B1d, sin_B1d = cos_PHd[at_B].unsqueeze(1), sin_PHd[at_B].unsqueeze(1)
 
         H, G, Hd = self.H, self.G, self.Hd
+        cache_views = self._cache_views(cache)
         for i, lw in enumerate(self.w.layers):
             h_BD = self._norm(x_BD, lw.attention_norm_D)
             qkv_BQ = torch.mm(h_BD, lw.wqkv_DQ)
             qk_BNd = qkv_BQ[:, : (H + G) * Hd].view(B, H + G, Hd)
             qk_BNd = torch.addcmul(qk_BNd * cos_B1d, qk_BNd.roll(Hd // 2, dims=-1), sin_B1d)
             v_BGd = qkv_BQ[:, (H + G) * Hd :].view(B, G, Hd)
-            kc_BGSd, vc_BGSd = cache.k_BGSd[i], cache.v_BGSd[i]
-            kc_BGSd.transpose(1, 2).index_put_((rows_B, slot_B), qk_BNd[:, H:])
-            vc_BGSd.transpose(1, 2).index_put_((rows_B, slot_B), v_BGd)
+            kc_BGSd, vc_BGSd, kc_BSGd, vc_BSGd = cache_views[i]
+            kc_BSGd.index_put_((rows_B, slot_B), qk_BNd[:, H:])
+            vc_BSGd.index_put_((rows_B, slot_B), v_BGd)
             o_BH1d = F.scaled_dot_product_attention(
                 qk_BNd[:, :H].unsqueeze(2), kc_BGSd, vc_BGSd, attn_mask=mask_B11S, enable_gqa=H != G
             )
             x_BD = torch.addmm(x_BD, o_BH1d.reshape(B, H * Hd), lw.wo_QD)
             x_BD = self._experts(x_BD, self._norm(x_BD, lw.ffn_norm_D), lw)
-        return torch.mm(self._norm(x_BD, self.w.norm_D), self.w.head_DV)
+        return self._head(self._norm(x_BD, self.w.norm_D))
+
+    def _head(self, x_BD: torch.Tensor) -> torch.Tensor:
+        B = x_BD.shape[0]
+        if B >= ONEDNN_HEAD_MIN_ROWS and x_BD.dtype == torch.float32 and _onednn_linear_available():
+            if self._head_packed is None or self._head_packed[0] is not self.w.head_DV:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.w.head_DV.t().contiguous(), B)
+                self._head_packed = (self.w.head_DV, packed)
+            return torch.ops.mkldnn._linear_pointwise(x_BD, self._head_packed[1], None, "none", [], "")
+        return torch.mm(x_BD, self.w.head_DV)
 
     def _route(self, h_BD: torch.Tensor, gate_DE: torch.Tensor | None) -> tuple[list, list]:
         """Host lists: each row's chosen experts (best first) and their weights."""
         B = h_BD.shape[0]
         if gate_DE is None:
             return [[0]] * B, [[1.0]] * B
-        logits_BE = torch.mm(h_BD.float(), gate_DE.float())  # router math in float32, as the model
+        if h_BD.dtype == torch.float32:
+            logits_BE = torch.mm(h_BD, gate_DE)
+        else:  # router math in float32 whatever the model dtype, as the model does
+            logits_BE = torch.mm(h_BD.float(), gate_DE.float())
         top_BK, ids_BK = torch.topk(logits_BE, self.top_k, dim=-1)
-        return ids_BK.tolist(), torch.softmax(top_BK, dim=-1).to(h_BD.dtype).tolist()
+        weights_BK = torch.softmax(top_BK, dim=-1)
+        if h_BD.dtype != torch.float32:  # the engines cast the weights to the activations' dtype
+            weights_BK = weights_BK.to(h_BD.dtype)
+        return ids_BK.tolist(), weights_BK.tolist()
 
     def _experts(self, x_BD: torch.Tensor, h_BD: torch.Tensor, lw) -> torch.Tensor:
         """x + the mixture of experts on h (one SwiGLU per chosen expert)."""
         ids, weights = self._route(h_BD, lw.gate_DE)
-        F_ = lw.w2_EFD.shape[1]
+        F_ = lw.w2_EDF.shape[2]
         if len(ids) == 1:  # one row: each chosen expert adds straight into the residual
             for e, w in zip(ids[0], weights[0]):
-                h13_1F2 = torch.mm(h_BD, lw.w13_EDF2[e])
+                h13_1F2 = torch.mm(h_BD, lw.w13_E[e])
                 g_1F = F.silu(h13_1F2[:, :F_]).mul_(h13_1F2[:, F_:])
-                x_BD = torch.addmm(x_BD, g_1F, lw.w2_EFD[e], alpha=w)
+                x_BD = torch.addmm(x_BD, g_1F, lw.w2t_E[e], alpha=w)
             return x_BD
         # Several rows: group the A assignments by expert (a stable host sort keeps token order
         # within an expert), gather the rows once, one up and one down product per chosen
@@ -176,8 +209,8 @@ class FastDecodeStep:
             blocks.append((e, s, s + n))
             s += n
         for e, s, t in blocks:
-            torch.mm(x_AD[s:t], lw.w13_EDF2[e], out=h13_AF2[s:t])
+            torch.mm(x_AD[s:t], lw.w13_E[e], out=h13_AF2[s:t])
         g_AF = F.silu(h13_AF2[:, :F_]).mul_(h13_AF2[:, F_:])
         for e, s, t in blocks:
-            torch.mm(g_AF[s:t], lw.w2_EFD[e], out=o_AD[s:t])
+            torch.mm(g_AF[s:t], lw.w2t_E[e], out=o_AD[s:t])
         return x_BD.index_add_(0, row_A, o_AD.mul_(w_A1))
