@@ -9,10 +9,13 @@ Why not plain autograd through ``w1_EFD[e]``: the backward of each such view wri
 gradient goes straight into its slice of one (E, F, D) tensor, and experts without rows get
 zeros from one fill.
 
-Why rows one by one for small N: on this CPU build (MKL, AVX2 on AMD EPYC) a product with
-2 <= N <= 16 rows costs about the same as with 32 (about 40 ms for a 3584 x 1024 weight,
-measured), while a single row (matrix-vector) costs about 1 ms. Up to ROW_BY_ROW_MAX rows of
-a large weight we therefore use one matrix-vector product per row. The weight-gradient products (N as the
+Why rows one by one for small N: on this CPU build (MKL, AVX2 on AMD EPYC) with two threads
+and the cores shared with other processes, a product with 2 <= N <= 16 rows costs about the
+same as with 32 (12-16 ms for a 3584 x 1024 weight at load ~3, about 40 ms at load ~8:
+the OpenMP threads wait for a descheduled partner), while a single row (matrix-vector) costs
+about 1 ms. On an idle machine the whole product wins from about 4 rows (2 ms vs 2.4 ms for
+4 rows); this path is only taken for skewed routing, where the robust choice is kept. Up to
+ROW_BY_ROW_MAX rows of a large weight we therefore use one matrix-vector product per row. The weight-gradient products (N as the
 reduction dimension) do not show the problem and stay whole.
 """
 
