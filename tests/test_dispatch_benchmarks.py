@@ -42,8 +42,17 @@ def test_gpu_moe_tiny_runs(capsys):
 def test_moe_layer_quick_runs(capsys):
     with torch.enable_grad():
         load("moe_layer").main(
-            ["--quick", "--repeats", "1", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd"]
+            ["--quick", "--repeats", "1", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd", "--threads", "1"]
         )
     rows = table(capsys.readouterr().out)
     assert "smoe auto ms" in rows[0] and "floor flop ms" in rows[0]
     assert len(rows) == 2 + 4
+
+
+@pytest.mark.slow
+def test_expert_products_runs(capsys):
+    load("expert_products").main(["--rows", "16", "--repeats", "1", "--threads", "1"])
+    rows = table(capsys.readouterr().out)
+    assert rows[0].startswith("| rows A | rows per expert | form |")
+    forms = {r.split("|")[3].strip() for r in rows[2:]}
+    assert forms == {"dense", "bmm", "loop mm", "grouped_mm", "loop w@x^T", "rows mv"}
