@@ -60,11 +60,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("lens", [LENS, [7]], ids=["3-rows", "1-row"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_step_equals_model(make_hf, case):
+def test_fast_step_equals_model(make_hf, case, lens):
+    """One row takes the residual-accumulating expert path, several rows the grouped one (and
+    the oneDNN head)."""
     directory, ref_hf = make_hf(**CASES[case])
     model = smoe.load_model(directory)
-    ref, got, toks_BT, ref_cache, fast_cache = _decode_both(model, LENS)
+    ref, got, toks_BT, ref_cache, fast_cache = _decode_both(model, lens)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
     # The cache the fast step leaves behind is the model's: same slot positions, same keys.
     assert torch.equal(fast_cache.pos_BS, ref_cache.pos_BS)
@@ -73,7 +76,7 @@ def test_fast_step_equals_model(make_hf, case):
     # And each row's decode logits are those of one full forward over its whole sequence,
     # in smoe and in transformers.
     with torch.no_grad():
-        for b, n in enumerate(LENS):
+        for b, n in enumerate(lens):
             seq_1T = toks_BT[b : b + 1, : n + STEPS]
             full = model(seq_1T)[0, n : n + STEPS]
             torch.testing.assert_close(got[b], full, atol=2e-5, rtol=0)

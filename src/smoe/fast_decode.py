@@ -1,4 +1,4 @@
-"""A lean single-token decode step for CPU: the model's decode math in about 30 tensor ops per
+"""A lean single-token decode step for CPU: the model's decode math in under 40 tensor calls per
 layer, on the weights laid out by ``smoe.decode_layout``.
 
 Legend: B batch rows, D model dim, H query heads, G kv heads, Hd head dim, S cache slots (plus
@@ -6,9 +6,11 @@ the junk slot), E experts, F expert hidden dim, K chosen experts, A = B * K assi
 V vocabulary, P positions the cache can hold.
 
 Why a second implementation of the step: at batch 1 a decode step of the ``small`` preset reads
-~55 MB of weights (a few ms at this CPU's bandwidth), but the readable model spends ~1500 tensor
-ops on it, each with a fixed cost of several microseconds (far more when the machine is
-loaded). This step computes the same function with a few hundred:
+~55 MB of weights (about 3 ms at this CPU's bandwidth), but the readable model spends ~1140
+tensor ops on it (as the torch profiler counts them, nested ones included), each with a fixed
+cost of a few microseconds (far more when the machine is loaded), plus full-size products where
+few rows would do. This step computes the same function in ~730 (the products and attention
+kernels account for most of those), and in 3.6-4.5 ms instead of ~10 (docs/benchmarks.md):
 
 - one product for q, k and v together, and the residual add fused into the output products
   (``addmm``);
@@ -20,7 +22,8 @@ loaded). This step computes the same function with a few hundred:
   experts' weights are touched, with one up product (w1 and w3 fused) and one down product per
   expert; with several rows the rows are grouped by expert with a single gather and a single
   scatter-add;
-- the logits come from one product with the (D, V) head.
+- the logits come from one product with the (D, V) head (oneDNN with a packed copy of the
+  head from 2 rows up, where MKL's few-row product was slower).
 
 It equals ``Transformer.forward`` on one token per row with the same ``KVCache`` (same cache
 protocol: slot = position mod S, negative positions write the junk slot and see every key), up
@@ -44,7 +47,9 @@ from smoe.decode_layout import DecodeWeights, apply_decode_layout
 from smoe.model.layers import causal_mask, rope_cos_sin
 from smoe.model.moe import MoE
 
-
+# From this many rows the head product runs in oneDNN on a packed copy of the head (V * D more
+# memory, made on first use): 8 rows x 32000 x 256 took ~4.2 ms there against ~5-7 ms in MKL
+# (whole steps 10% faster, interleaved, same process); for one row MKL's product is faster.
 ONEDNN_HEAD_MIN_ROWS = 2
 
 
