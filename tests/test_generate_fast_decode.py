@@ -164,3 +164,24 @@ def test_fast_step_rejects_wrong_shapes(make_hf):
         step(torch.ones(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="built for 2"):
         step(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), cache)
+
+
+def test_fast_step_with_a_padding_query(make_hf):
+    """A row at a negative position (padding) writes the junk slot and sees every key, as in
+    the model, and stays finite; the other rows are unaffected. (The padding row itself is
+    rotated as position 0 rather than -1: its outputs are never used.)"""
+    directory, _ = make_hf(sliding_window=4)
+    model = smoe.load_model(directory)
+    toks_BT = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        caches = [_prefill(model, toks_BT, [6, 6], 16)[0] for _ in range(2)]
+        step = FastDecodeStep(model)
+        for p in range(6, 8):
+            pos_B1 = torch.tensor([[-1], [p]])
+            ref = model(toks_BT[:, p : p + 1], pos_B1, caches[0])[:, -1]
+            got = step(toks_BT[:, p : p + 1], pos_B1, caches[1])
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got[1], ref[1], atol=2e-5, rtol=0)
+        assert torch.equal(caches[0].pos_BS, caches[1].pos_BS)
+        for k_ref, k_fast in zip(caches[0].k_BGSd, caches[1].k_BGSd):  # all but the junk slot
+            torch.testing.assert_close(k_fast[:, :, :-1], k_ref[:, :, :-1], atol=2e-5, rtol=0)

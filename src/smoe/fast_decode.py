@@ -27,7 +27,7 @@ kernels account for most of those), and in 3.6-4.5 ms instead of ~10 (docs/bench
 
 It equals ``Transformer.forward`` on one token per row with the same ``KVCache`` (same cache
 protocol: slot = position mod S, negative positions write the junk slot and see every key), up
-to float rounding; ``tests/test_generate_fast_decode.py`` checks it against the model, with
+to float rounding, except for padding rows' own (unused) outputs, which it rotates as position 0; ``tests/test_generate_fast_decode.py`` checks it against the model, with
 rolling buffers that wrap and batches of different prompt lengths. It keeps the cache usable by
 the model's own forward afterwards (it maintains ``pos_BS``).
 
@@ -139,7 +139,13 @@ class FastDecodeStep:
         slot_B = torch.where(pos_B >= 0, pos_B % S, S)
         rows_B = torch.arange(B, device=x_BD.device)
         cache.pos_BS.index_put_((rows_B, slot_B), pos_B)
-        visible_B11S = causal_mask(pos_B1, cache.pos_BS, self.window) | (pos_B1 < 0)[:, None, :, None]
+        # Attend over the slots in use only: with every position >= 0, slot p holds position p
+        # until the buffer is full, so slots past the largest position (and the junk slot) are
+        # empty. A host read, free on CPU; it keeps a cache sized for 256 new tokens from
+        # costing full-length attention from the first one.
+        pos_list = pos_B.tolist()
+        n = min(max(pos_list) + 1, S) if min(pos_list) >= 0 else S + 1
+        visible_B11S = causal_mask(pos_B1, cache.pos_BS[:, :n], self.window) | (pos_B1 < 0)[:, None, :, None]
         mask_B11S = torch.zeros(visible_B11S.shape, dtype=x_BD.dtype).masked_fill_(~visible_B11S, -torch.inf)
         at_B = pos_B.clamp(min=0)  # padding rows rotate by position 0; their outputs are unused
         cos_B1d, sin_B1d = cos_PHd[at_B].unsqueeze(1), sin_PHd[at_B].unsqueeze(1)
@@ -156,7 +162,11 @@ class FastDecodeStep:
             kc_BSGd.index_put_((rows_B, slot_B), qk_BNd[:, H:])
             vc_BSGd.index_put_((rows_B, slot_B), v_BGd)
             o_BH1d = F.scaled_dot_product_attention(
-                qk_BNd[:, :H].unsqueeze(2), kc_BGSd, vc_BGSd, attn_mask=mask_B11S, enable_gqa=H != G
+                qk_BNd[:, :H].unsqueeze(2),
+                kc_BGSd[:, :, :n],
+                vc_BGSd[:, :, :n],
+                attn_mask=mask_B11S,
+                enable_gqa=H != G,
             )
             x_BD = torch.addmm(x_BD, o_BH1d.reshape(B, H * Hd), lw.wo_QD)
             x_BD = self._experts(x_BD, self._norm(x_BD, lw.ffn_norm_D), lw)
