@@ -6,7 +6,8 @@ initialised in place), so no 90 GB host copy is ever made. Measured:
 - greedy decode tokens/s at batch 1 and batch 16 (total over rows), with the step captured
   in a CUDA graph (smoe.decode_loop.GreedyDecodeLoop): no host sync per token;
 - prefill of a 2048-token prompt into the KV cache, in TFLOP/s of matmul work
-  (2 * active non-embedding parameters per token, plus causal attention).
+  (2 * active non-embedding, non-head parameters per token, the head once: a prefill keeps
+  only the last logits, plus causal attention).
 
 Before timing, the graphed decode is checked against eager decode of the same prompt.
 
@@ -51,7 +52,8 @@ def prefill(model: Transformer, cache: KVCache, tokens_BT: torch.Tensor, chunk: 
     pos_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
     with torch.inference_mode():
         for s in range(0, T, chunk):
-            logits_BV = model(tokens_BT[:, s : s + chunk], pos_BT[:, s : s + chunk], cache)[:, -1]
+            chunk_BT, chunk_pos_BT = tokens_BT[:, s : s + chunk], pos_BT[:, s : s + chunk]
+            logits_BV = model(chunk_BT, chunk_pos_BT, cache, logits_to_keep=1)[:, -1]
     return logits_BV
 
 
@@ -110,12 +112,12 @@ def bench_prefill(model, cfg, T: int, device, repeats: int = 3) -> tuple[float, 
         sync(device)
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
-    matmul_params = (
-        cfg.num_params(active=True) - cfg.vocab_size * cfg.dim
-    )  # the head is a matmul, the embedding is not
+    head = cfg.vocab_size * cfg.dim
+    embed = head * (1 if cfg.tie_embeddings else 2)
+    body = cfg.num_params(active=True) - embed  # the matmul weights a token passes, head excluded
     flops = (
-        2 * T * matmul_params + 2 * T * T * cfg.n_heads * cfg.head_dim * cfg.n_layers
-    )  # + causal QK^T and PV
+        2 * T * body + 2 * head + 2 * T * T * cfg.n_heads * cfg.head_dim * cfg.n_layers
+    )  # + the head on the last row only (one chunk of T, logits_to_keep=1) + causal QK^T and PV
     return dt, flops / dt / 1e12
 
 

@@ -11,7 +11,9 @@ CASES = {
     "mixtral-8e-top2": dict(num_local_experts=8, num_experts_per_tok=2),
     "4e-top1": dict(num_local_experts=4, num_experts_per_tok=1),
     "4e-top3-mha": dict(num_local_experts=4, num_experts_per_tok=3, num_key_value_heads=4),
-    "8e-top2-gqa4": dict(num_local_experts=8, num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2),
+    "8e-top2-gqa4": dict(
+        num_local_experts=8, num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2
+    ),
     "window-shorter-than-seq": dict(sliding_window=7),
     "head-dim-not-dim/heads": dict(head_dim=16, num_attention_heads=4, num_key_value_heads=1),
     "mistral-dense": dict(num_local_experts=1, sliding_window=5),
@@ -69,3 +71,19 @@ def test_build_model_keeps_embeddings_tied(tmp_path):
     tokens = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_matches_transformers(make_hf, keep):
+    directory, ref = make_hf(num_local_experts=4, num_experts_per_tok=2, sliding_window=7)
+    ours = smoe.load_model(directory)
+    tokens = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(tokens, logits_to_keep=keep).logits
+        got = ours(tokens, logits_to_keep=keep)
+        full = ours(tokens)
+    assert got.shape == expected.shape == (2, keep, 97)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, full[:, -keep:], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        ours(tokens, logits_to_keep=-1)

@@ -130,7 +130,7 @@ class Generator:
         self._cache: KVCache | None = None
 
     def _forward(self, tokens_BT: torch.Tensor, pos_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(tokens_BT, pos_BT, cache)[:, -1]  # (B, V)
+        return self.model(tokens_BT, pos_BT, cache, logits_to_keep=1)[:, -1]  # (B, V)
 
     # ------------------------------------------------------------------ inputs
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

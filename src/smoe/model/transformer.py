@@ -54,12 +54,17 @@ class Transformer(nn.Module):
         pos_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_router: bool = False,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[RouterOutput]]:
         """Logits (B, T, V); with ``return_router=True`` also each MoE layer's routing.
 
         ``pos_BT`` defaults to 0..T-1 for every row. With a ``cache`` the keys/values of
         earlier calls are attended to as well, and the cache supplies the mask.
+        ``logits_to_keep=n > 0`` returns only the last n positions' logits (B, n, V): a prefill
+        needs one row, and the head is the largest single product of a small model.
         """
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         B, T = tokens_BT.shape
         cfg = self.config
         if pos_BT is None:
@@ -77,6 +82,8 @@ class Transformer(nn.Module):
             x_BTD, routing = layer(x_BTD, cos, sin, mask, pos_BT, cache)
             if return_router and routing is not None:
                 routings.append(routing)
+        if logits_to_keep:
+            x_BTD = x_BTD[:, -logits_to_keep:]
         logits_BTV = self.output(self.norm(x_BTD))
         return (logits_BTV, routings) if return_router else logits_BTV
 
