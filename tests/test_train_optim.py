@@ -42,3 +42,25 @@ def test_no_weight_decay_on_norms():
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
     assert isinstance(decay["params"][0], torch.nn.Parameter)
+
+
+def test_fused_adamw_default_equals_foreach():
+    """The default (torch's fused kernel) takes the same steps as the per-tensor reference."""
+    cfg = TrainConfig(steps=10, warmup_steps=2, lr=3e-3)
+    assert cfg.fused_adamw
+    models = [build_model(ModelConfig.preset("tiny", vocab_size=64, n_layers=1), seed=0) for _ in range(2)]
+    opts = [
+        build_optimizer(models[0], cfg),
+        build_optimizer(models[1], TrainConfig(**{**vars(cfg), "fused_adamw": False})),
+    ]
+    assert opts[0].defaults["fused"] and opts[1].defaults["foreach"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, opt in zip(models, opts):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[0].output.weight, build_model(models[0].config, seed=0).output.weight)
