@@ -216,3 +216,15 @@ def test_batched_encode_equals_per_text_encode(tok):
 
     texts = ["def f(x):\n    return x", "Question: What is 2 + 2?\nAnswer: 4", "caf\u00e9 \u65e5\u672c"]
     assert _encode_many(tok, texts) == [tok.encode(t, bos=False) for t in texts]
+
+
+@pytest.mark.parametrize(
+    ("n_docs", "min_val_docs", "want_val"),
+    [(100, 16, 16), (40, 16, 8), (40, 0, 2), (400, 16, 20)],  # max(round(5 %), min(min, n // 5))
+)
+def test_val_split_has_enough_documents(tmp_path, tok, n_docs, min_val_docs, want_val):
+    _write(tmp_path / "in", _docs(n_docs))
+    m = _build(tmp_path / "c", tok, {"u": str(tmp_path / "in" / "*.txt")}, min_val_docs=min_val_docs)
+    assert m["min_val_docs"] == min_val_docs
+    assert m["domains"]["u"]["val"]["documents"] == want_val
+    assert m["domains"]["u"]["train"]["documents"] == n_docs - want_val

@@ -9,6 +9,7 @@ from smoe.data.build import (
     BUILTIN_DOMAINS,
     DEFAULT_MAX_DOC_CHARS,
     DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_VAL_DOCS,
     DEFAULT_VAL_FRACTION,
     SYSTEM_DOMAINS,
     build_corpus,
@@ -70,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="share of documents for val"
     )
     b.add_argument(
+        "--min-val-docs",
+        type=int,
+        default=DEFAULT_MIN_VAL_DOCS,
+        help=f"but at least this many val documents, up to a fifth of the domain (default {DEFAULT_MIN_VAL_DOCS})",
+    )
+    b.add_argument(
         "--max-doc-chars",
         type=int,
         default=DEFAULT_MAX_DOC_CHARS,
@@ -98,6 +105,7 @@ def _build(args: argparse.Namespace) -> int:
         max_tokens_per_domain=args.max_tokens,
         max_docs_per_domain=args.max_docs,
         val_fraction=args.val_fraction,
+        min_val_docs=args.min_val_docs,
         max_doc_chars=args.max_doc_chars,
         progress=not args.no_progress,
     )
