@@ -9,26 +9,16 @@ from smoe.checkpoint import load_model
 from smoe.cli.main import main
 
 
+def upcycle(dense_dir, out, *flags: str) -> int:
+    """``smoe upcycle --model DENSE --out OUT FLAGS...``; returns the exit code."""
+    return main(["upcycle", "--model", str(dense_dir), "--out", str(out), *flags])
+
+
 @pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 1)])
 def test_upcycled_logits_equal_dense(make_hf, tmp_path, experts, top_k):
     dense_dir, dense_hf = make_hf(num_local_experts=1)
     out = tmp_path / "moe"
-    assert (
-        main(
-            [
-                "upcycle",
-                "--model",
-                str(dense_dir),
-                "--experts",
-                str(experts),
-                "--top-k",
-                str(top_k),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert upcycle(dense_dir, out, "--experts", str(experts), "--top-k", str(top_k)) == 0
     moe_hf = transformers.MixtralForCausalLM.from_pretrained(out).eval()
     assert moe_hf.config.num_local_experts == experts and moe_hf.config.num_experts_per_tok == top_k
     tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -46,26 +36,14 @@ def test_upcycled_logits_equal_dense(make_hf, tmp_path, experts, top_k):
 def test_upcycle_router_seeded(make_hf, tmp_path):
     dense_dir, _ = make_hf(num_local_experts=1)
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        main(
-            [
-                "upcycle",
-                "--model",
-                str(dense_dir),
-                "--experts",
-                "4",
-                "--out",
-                str(tmp_path / name),
-                "--seed",
-                str(seed),
-            ]
-        )
+        upcycle(dense_dir, tmp_path / name, "--experts", "4", "--seed", str(seed))
     gate = {n: load_model(tmp_path / n).layers[1].feed_forward.gate.weight for n in "abc"}
     assert torch.equal(gate["a"], gate["b"]) and not torch.equal(gate["a"], gate["c"])
 
 
 def test_upcycle_refuses_moe(make_hf, tmp_path):
     moe_dir, _ = make_hf()
-    assert main(["upcycle", "--model", str(moe_dir), "--out", str(tmp_path / "x")]) == 2
+    assert upcycle(moe_dir, tmp_path / "x") == 2
 
 
 @pytest.mark.slow
@@ -78,19 +56,7 @@ def test_train_from_upcycled_init(make_hf, tmp_path):
     from test_train_loop import make_corpus
 
     dense_dir, dense_hf = make_hf(num_local_experts=1)
-    main(
-        [
-            "upcycle",
-            "--model",
-            str(dense_dir),
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--out",
-            str(tmp_path / "moe"),
-        ]
-    )
+    upcycle(dense_dir, tmp_path / "moe", "--experts", "4", "--top-k", "2")
     corpus = make_corpus(tmp_path / "corpus")
     args = ["train", "--init", str(tmp_path / "moe"), "--data", str(corpus), "--out", str(tmp_path / "run")]
     assert (
