@@ -19,11 +19,13 @@ expert rows on average; a skewed router raises the busiest rank's share):
     attention: norm out D, q D, k and v 2 * D * G / H, attention out D, residual D  ~ 4.5 D
     MoE: norm out D, permuted inputs K * D, four F-wide tensors per chosen expert
          (w1 x, w3 x, silu, product) 4 * K * F, expert outputs K * D, router logits E (fp32)
-    plus the output logits: V * 6 bytes per token (bf16 logits and float32 for the loss)
+    plus, for the output head, the input gradient that the fused head + loss keeps: 2 * D
+    (``smoe.model.head_loss``; it never holds (tokens, V) logits)
 
 Full activation checkpointing keeps only each block's input (D) and recomputes one block at a
 time in backward. FSDP also needs one block's gathered bf16 weights (two with prefetch).
-Not counted: temporary buffers, communication buckets, allocator fragmentation, the CUDA
+Not counted: temporary buffers (among them the head loss's one chunk of at most 2**27 float32
+logits and its float32 head gradient), communication buckets, allocator fragmentation, the CUDA
 context (~1 GB): keep 10-20 % headroom.
 """
 
@@ -57,10 +59,10 @@ def activation_bytes_per_token(cfg: ModelConfig, checkpointing: bool) -> float:
     attn = 4 * D + 2 * D * cfg.n_kv_heads / cfg.n_heads
     ffn = D + 2 * K * D + 4 * K * F if cfg.is_moe else D + 4 * F
     layer = 2 * (attn + ffn) + (4 * E if cfg.is_moe else 0)
-    logits = 6 * cfg.vocab_size
+    head = 2 * D  # the fused head + loss keeps the gradient of its input, not logits
     if checkpointing:  # block inputs for every layer, one block's full activations at a time
-        return 2 * D * cfg.n_layers + layer + logits
-    return layer * cfg.n_layers + logits
+        return 2 * D * cfg.n_layers + layer + head
+    return layer * cfg.n_layers + head
 
 
 def estimate(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from smoe.config import ModelConfig
+from smoe.model.head_loss import linear_cross_entropy
 from smoe.model.layers import Attention, KVCache, RMSNorm, causal_mask, rope_cos_sin
 from smoe.model.moe import FeedForward, MoE, RouterOutput
 
@@ -55,6 +56,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_router: bool = False,
         logits_to_keep: int = 0,
+        targets_BT: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[RouterOutput]]:
         """Logits (B, T, V); with ``return_router=True`` also each MoE layer's routing.
 
@@ -62,10 +64,16 @@ class Transformer(nn.Module):
         earlier calls are attended to as well, and the cache supplies the mask.
         ``logits_to_keep=n > 0`` returns only the last n positions' logits (B, n, V): a prefill
         needs one row, and the head is the largest single product of a small model.
+        ``targets_BT`` (token ids, -100 = ignore) returns the mean cross-entropy instead of the
+        logits, from head and loss fused over row chunks (``head_loss``), never holding (B, T, V)
+        logits. It runs inside ``forward`` so that wrappers that act on forward (FSDP's
+        unsharding, DDP) see the head used.
         """
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         B, T = tokens_BT.shape
+        if targets_BT is not None and targets_BT.shape != (B, T):
+            raise ValueError(f"targets_BT must be {(B, T)} like the tokens, got {tuple(targets_BT.shape)}")
         cfg = self.config
         if pos_BT is None:
             pos_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
@@ -82,6 +90,10 @@ class Transformer(nn.Module):
             x_BTD, routing = layer(x_BTD, cos, sin, mask, pos_BT, cache)
             if return_router and routing is not None:
                 routings.append(routing)
+        if targets_BT is not None:
+            h_ND = self.norm(x_BTD).reshape(B * T, cfg.dim)
+            loss = linear_cross_entropy(h_ND, self.output.weight, targets_BT.reshape(B * T))
+            return (loss, routings) if return_router else loss
         if logits_to_keep:
             x_BTD = x_BTD[:, -logits_to_keep:]
         logits_BTV = self.output(self.norm(x_BTD))

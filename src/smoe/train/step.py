@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smoe.model.transformer import Transformer
@@ -48,12 +47,11 @@ class LossParts:
 def forward_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> LossParts:
     """Cross-entropy plus the router losses for one (micro-)batch; padding (mask 0) excluded."""
     inner = unwrap(model)
-    with autocast(cfg, batch.inputs_BT.device):
-        logits_BTV, routings = model(batch.inputs_BT, return_router=True)
-    targets = batch.targets_BT.reshape(-1)
+    targets_BT = batch.targets_BT
     if batch.mask_BT is not None:
-        targets = targets.masked_fill(batch.mask_BT.reshape(-1) == 0, -100)
-    ce = F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets, ignore_index=-100)
+        targets_BT = targets_BT.masked_fill(batch.mask_BT == 0, -100)
+    with autocast(cfg, batch.inputs_BT.device):  # head and cross-entropy fused in the model
+        ce, routings = model(batch.inputs_BT, return_router=True, targets_BT=targets_BT)
     zero = ce.new_zeros(())
     if not routings:  # dense model
         return LossParts(ce, ce, zero, zero, None)
@@ -152,10 +150,7 @@ def eval_loss(model: nn.Module, batches: list[Batch], cfg: TrainConfig) -> float
     total, count = 0.0, 0
     for b in batches:
         with autocast(cfg, b.inputs_BT.device):
-            logits_BTV = model(b.inputs_BT)
-        ce = F.cross_entropy(
-            logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), b.targets_BT.reshape(-1), reduction="sum"
-        )
-        total, count = total + ce.item(), count + b.targets_BT.numel()
+            ce = model(b.inputs_BT, targets_BT=b.targets_BT)  # the mean over the batch's tokens
+        total, count = total + ce.item() * b.targets_BT.numel(), count + b.targets_BT.numel()
     model.train(was_training)
     return total / count

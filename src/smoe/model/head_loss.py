@@ -1,0 +1,128 @@
+"""Output head and cross-entropy in one pass over row chunks, without (N, V) logits.
+
+Legend: N rows (tokens), D model dim, V vocabulary, C rows in a chunk.
+
+``F.cross_entropy(F.linear(h_ND, w_VD), targets_N)`` keeps the (N, V) logits, the (N, V)
+log-probabilities and, in backward, an (N, V) gradient: at batch 8 x 2048 and V = 32000 that is
+2 GB of float32 each. It also pays for torch's log-softmax backward, which on this CPU took 352
+ms of a 1.8 s training step of the ``small`` preset (8 x 256 tokens; ``docs/benchmarks.md``).
+
+``linear_cross_entropy`` instead takes C rows at a time: their logits, then in place the
+softmax (max, exp, sum, scale: the fastest order measured on CPU), the loss from the row's
+log-sum-exp, and, when a gradient is wanted, the logits' gradient ``softmax - onehot`` turned at
+once into the input's and weight's gradients (two products). Backward only scales the stored
+gradients by the incoming one. Peak memory is one (C, V) chunk plus the (V, D) weight gradient.
+
+Example (N = 3, V = 4, one row ignored):
+
+    >>> h, w = torch.randn(3, 2), torch.randn(4, 2)
+    >>> t = torch.tensor([1, -100, 3])
+    >>> ref = F.cross_entropy(h @ w.T, t, ignore_index=-100)
+    >>> torch.allclose(linear_cross_entropy(h, w, t), ref)
+    True
+
+The mean is over the rows whose target is not ``ignore_index`` (NaN if there are none, as
+``F.cross_entropy``). Under autocast the two inputs are cast to the autocast dtype as
+``F.linear`` would be, and the softmax and loss are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk = CHUNK_ELEMENTS // V. On CPU, 2**24 float32 logits (64 MB; 524 rows at
+# V = 32000) was the fastest of 128-2048 rows for 2048 x 256 -> 32000: the elementwise passes
+# want small chunks, the three products want many rows. Accelerators have memory to spare and
+# want big products: 2**27 (512 MB; 4194 rows).
+CHUNK_ELEMENTS = {"cpu": 2**24}
+CHUNK_ELEMENTS_DEFAULT = 2**27
+
+
+def chunk_rows(n_vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_DEFAULT) // n_vocab)
+
+
+def _softmax_and_loss_(logits_CV: torch.Tensor, t_C: torch.Tensor) -> torch.Tensor:
+    """Turn float32 logits into their softmax in place; return each row's -log p(target).
+    ``t_C`` must be valid indices (ignored rows are dealt with by the caller)."""
+    target_logit_C = logits_CV.gather(1, t_C[:, None])[:, 0]
+    max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+    sum_C1 = logits_CV.sub_(max_C1).exp_().sum(dim=-1, keepdim=True)
+    logits_CV.div_(sum_C1)
+    return sum_C1[:, 0].log() + max_C1[:, 0] - target_logit_C
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed loss of the valid rows; the gradients are made in forward (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, t_N, valid_N, rows):
+        N = h_ND.shape[0]
+        grad_h_ND = torch.empty_like(h_ND)
+        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        for s in range(0, N, rows):
+            h_CD, t_C, valid_C = h_ND[s : s + rows], t_N[s : s + rows], valid_N[s : s + rows]
+            p_CV = torch.mm(h_CD, w_VD.t()).float()
+            loss_C = _softmax_and_loss_(p_CV, t_C)
+            total += loss_C.masked_fill_(~valid_C, 0.0).sum()
+            # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
+            p_CV.scatter_add_(1, t_C[:, None], valid_C[:, None].to(p_CV.dtype).neg())
+            p_CV.masked_fill_(~valid_C[:, None], 0.0)
+            g_CV = p_CV.to(h_ND.dtype)
+            torch.mm(g_CV, w_VD, out=grad_h_ND[s : s + rows])
+            if w_VD.dtype == torch.float32:
+                grad_w_VD.addmm_(g_CV.t(), h_CD)
+            else:  # accumulate the weight gradient in float32 across chunks
+                grad_w_VD += torch.mm(g_CV.t(), h_CD).float()
+        ctx.save_for_backward(grad_h_ND, grad_w_VD.to(w_VD.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        g = grad_total.to(grad_h_ND.dtype)
+        return grad_h_ND * g, grad_w_VD * g.to(grad_w_VD.dtype), None, None, None
+
+
+@torch.no_grad()
+def _loss_sum(h_ND, w_VD, t_N, valid_N, rows) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    for s in range(0, h_ND.shape[0], rows):
+        p_CV = torch.mm(h_ND[s : s + rows], w_VD.t()).float()
+        total += _softmax_and_loss_(p_CV, t_N[s : s + rows]).masked_fill_(~valid_N[s : s + rows], 0.0).sum()
+    return total
+
+
+def linear_cross_entropy(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    rows: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h_ND, w_VD), targets_N, ignore_index=..., reduction=...)``
+    for reduction "mean" or "sum", computed ``rows`` rows at a time (default: ``chunk_rows``)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if h_ND.ndim != 2 or w_VD.ndim != 2 or h_ND.shape[1] != w_VD.shape[1] or targets_N.shape != h_ND.shape[:1]:
+        raise ValueError(
+            f"linear_cross_entropy: expected h (N, D), w (V, D), targets (N,); got "
+            f"{tuple(h_ND.shape)}, {tuple(w_VD.shape)}, {tuple(targets_N.shape)}"
+        )
+    device = h_ND.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
+    elif h_ND.dtype != w_VD.dtype:
+        raise ValueError(f"linear_cross_entropy: h is {h_ND.dtype} but w is {w_VD.dtype}")
+    valid_N = targets_N != ignore_index
+    t_N = targets_N.masked_fill(~valid_N, 0)
+    rows = rows or chunk_rows(w_VD.shape[0], device)
+    with torch.autocast(device.type, enabled=False):
+        if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
+            total = _LinearCrossEntropy.apply(h_ND.contiguous(), w_VD, t_N, valid_N, rows)
+        else:
+            total = _loss_sum(h_ND, w_VD, t_N, valid_N, rows)
+    return total / valid_N.sum() if reduction == "mean" else total
