@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -40,6 +41,24 @@ def smoe_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
     opt = build_optimizer(model, tcfg)
     sched = build_scheduler(opt, tcfg)
     return lambda: train_step(model, opt, sched, [batch], tcfg)
+
+
+def unfused_head_loss(stepper):
+    """The same step with the output head and cross-entropy unfused (F.linear, then
+    F.cross_entropy on the (N, V) logits): what ``smoe.model.head_loss`` replaced."""
+    import smoe.model.transformer as transformer
+
+    def unfused(h_ND, w_VD, targets_N):
+        return F.cross_entropy(F.linear(h_ND, w_VD).float(), targets_N, ignore_index=-100)
+
+    def step():
+        fused, transformer.linear_cross_entropy = transformer.linear_cross_entropy, unfused
+        try:
+            stepper()
+        finally:
+            transformer.linear_cross_entropy = fused
+
+    return step
 
 
 def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
@@ -109,6 +128,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--bf16", action="store_true", help="also time smoe with bf16 autocast (fp32 master weights)"
     )
+    p.add_argument(
+        "--unfused", action="store_true", help="also time smoe with the head and cross-entropy unfused"
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (smoke test)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "smoe": smoe_stepper(cfg, tcfg, batch),
         "smoe dense (equal active)": smoe_stepper(dense, tcfg, batch),
     }
+    if args.unfused:
+        steppers["smoe, head + loss unfused"] = unfused_head_loss(smoe_stepper(cfg, tcfg, batch))
     if args.bf16:
         steppers["smoe bf16 autocast"] = smoe_stepper(cfg, dataclasses.replace(tcfg, dtype="bf16"), batch)
     if not args.no_hf:
@@ -157,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['model']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
     ratios = {"smoe step time / dense (equal active) step time (target <= 1.3)": med["smoe"] / med[dense_key]}
+    if "smoe, head + loss unfused" in med:
+        ratios["smoe tokens/s / smoe with head + loss unfused"] = med["smoe, head + loss unfused"] / med["smoe"]
     if "smoe bf16 autocast" in med:
         ratios["smoe bf16 autocast tokens/s / smoe fp32 tokens/s"] = med["smoe"] / med["smoe bf16 autocast"]
     if "transformers Mixtral" in med:

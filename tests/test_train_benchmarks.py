@@ -37,9 +37,14 @@ def test_gpu_train_tiny_runs(capsys):
 
 @pytest.mark.slow
 def test_cpu_train_tiny_runs(capsys):
-    rows = _load("cpu_train").main(["--tiny"])
+    rows = _load("cpu_train").main(["--tiny", "--unfused"])
     assert [r["model"] for r in rows] == [
-        "smoe", "smoe dense (equal active)", "transformers Mixtral", "matrix products alone (floor)"
+        "smoe", "smoe dense (equal active)", "smoe, head + loss unfused", "transformers Mixtral",
+        "matrix products alone (floor)",
     ]  # fmt: skip
     out = capsys.readouterr().out
-    assert "target >= 2" in out and "floor / transformers" in out
+    assert "target >= 2" in out and "floor / transformers" in out and "head + loss unfused" in out
+    import smoe.model.transformer as transformer
+    from smoe.model.head_loss import linear_cross_entropy
+
+    assert transformer.linear_cross_entropy is linear_cross_entropy  # the A/B row restored it
