@@ -66,15 +66,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p_CV = torch.mm(h_CD, w_VD.t()).float()
             loss_C = _softmax_and_loss_(p_CV, t_C)
             total += loss_C.masked_fill_(~valid_C, 0.0).sum()
-            # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
+            # d(sum of losses)/d(logits) = softmax - onehot(target) on valid rows. Ignored rows
+            # keep their softmax here; zeroing their h rows (for the weight gradient) and their
+            # input-gradient rows afterwards costs (C, D) instead of another (C, V) pass.
             p_CV.scatter_add_(1, t_C[:, None], valid_C[:, None].to(p_CV.dtype).neg())
-            p_CV.masked_fill_(~valid_C[:, None], 0.0)
             g_CV = p_CV.to(h_ND.dtype)
-            torch.mm(g_CV, w_VD, out=grad_h_ND[s : s + rows])
+            keep_C1 = valid_C[:, None].to(h_ND.dtype)
+            torch.mm(g_CV, w_VD, out=grad_h_ND[s : s + rows]).mul_(keep_C1)
             if w_VD.dtype == torch.float32:
-                grad_w_VD.addmm_(g_CV.t(), h_CD)
+                grad_w_VD.addmm_(g_CV.t(), h_CD * keep_C1)
             else:  # accumulate the weight gradient in float32 across chunks
-                grad_w_VD += torch.mm(g_CV.t(), h_CD).float()
+                grad_w_VD += torch.mm(g_CV.t(), h_CD * keep_C1).float()
         ctx.save_for_backward(grad_h_ND, grad_w_VD.to(w_VD.dtype))
         return total
 
