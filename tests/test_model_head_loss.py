@@ -129,3 +129,16 @@ def test_model_rejects_targets_of_another_shape(make_hf):
     ours = smoe.load_model(directory)
     with pytest.raises(ValueError, match="targets_BT must be"):
         ours(torch.zeros(2, 5, dtype=torch.long), targets_BT=torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_repeated_backward_accumulates():
+    """Backward hands out its stored gradients when the upstream gradient is 1: a retained
+    graph's second and third backward must still add the same gradient each time."""
+    h, w, t = _inputs(seed=6)
+    _, ref_gh, ref_gw = _reference(h, w, t)
+    loss = linear_cross_entropy(h, w, t, rows=4)
+    for _ in range(2):
+        loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(w.grad, 3 * ref_gw)
+    torch.testing.assert_close(h.grad, 3 * ref_gh)

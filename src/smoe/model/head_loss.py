@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h_ND, w_VD, t_N, valid_N, rows):
         N = h_ND.shape[0]
         grad_h_ND = torch.empty_like(h_ND)
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        grad_w_VD = None  # float32, written by the first chunk's product (no zero fill)
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         for s in range(0, N, rows):
             h_CD, t_C, valid_C = h_ND[s : s + rows], t_N[s : s + rows], valid_N[s : s + rows]
@@ -73,16 +73,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g_CV = p_CV.to(h_ND.dtype)
             keep_C1 = valid_C[:, None].to(h_ND.dtype)
             torch.mm(g_CV, w_VD, out=grad_h_ND[s : s + rows]).mul_(keep_C1)
-            if w_VD.dtype == torch.float32:
+            if grad_w_VD is None:
+                grad_w_VD = torch.mm(g_CV.t(), h_CD * keep_C1).float()
+            elif w_VD.dtype == torch.float32:
                 grad_w_VD.addmm_(g_CV.t(), h_CD * keep_C1)
             else:  # accumulate the weight gradient in float32 across chunks
                 grad_w_VD += torch.mm(g_CV.t(), h_CD * keep_C1).float()
+        if grad_w_VD is None:  # no rows
+            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
         ctx.save_for_backward(grad_h_ND, grad_w_VD.to(w_VD.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_h_ND, grad_w_VD = ctx.saved_tensors
+        if grad_total.device.type == "cpu" and grad_total.item() == 1.0:
+            # The usual case (one micro-batch): no copies. Reading the value is free on CPU;
+            # the (V, D) scaled copy would cost a fresh 32 MB allocation at V = 32000, D = 256.
+            return grad_h_ND, grad_w_VD, None, None, None
         g = grad_total.to(grad_h_ND.dtype)
         return grad_h_ND * g, grad_w_VD * g.to(grad_w_VD.dtype), None, None, None
 
