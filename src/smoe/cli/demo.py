@@ -43,7 +43,7 @@ class DemoPlan:
     eval_batches: int
 
 
-FULL = DemoPlan(None, 300_000, 750, 8, 128, 4e-3, 16_000, 40, evals=5, eval_batches=2)
+FULL = DemoPlan(None, 300_000, 1000, 8, 128, 4e-3, 16_000, 40, evals=5, eval_batches=2)
 QUICK = DemoPlan(("code", "math", "prose"), 12_000, 4, 2, 32, 4e-3, 600, 8, evals=1, eval_batches=1)
 
 
