@@ -142,21 +142,28 @@ def time_once(fn, x_BTD, backward: bool) -> float:
     return time.perf_counter() - t0
 
 
-def bench(moe, T, repeats, backward, names):
+def bench(moe, T, repeats, backward, names, budget_s: float = 0.0):
+    """Medians over interleaved rounds: at least ``repeats`` rounds, more while a round is short
+    enough that ``budget_s`` seconds hold more (small T: a 6 ms call needs hundreds of rounds
+    before its median stops moving with the machine's noise)."""
     D = moe.w1.shape[2]
     x_BTD = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
     cands = candidates(moe, x_BTD, names)
     times = {n: [] for n in cands}
-    for r in range(repeats + 1):  # round 0 warms up; rounds interleave candidates against drift
+    rounds, r = repeats, 0
+    while r <= rounds:  # round 0 warms up; rounds interleave candidates against drift
+        t_round = time.perf_counter()
         for name, (fn, params) in cands.items():
             for p in params:
                 p.grad = None
             dt = time_once(fn, x_BTD, backward)
             if r:
                 times[name].append(dt)
-    return {n: statistics.median(t) for n, t in times.items()}, choose_engine(
-        x_BTD[0], torch.empty(T, moe.gate.top_k), moe.num_experts
-    )
+        if r == 1:  # the first timed round sets the count
+            rounds = max(repeats, min(1000, int(budget_s / (time.perf_counter() - t_round))))
+        r += 1
+    auto = choose_engine(x_BTD[0], torch.empty(T, moe.gate.top_k), moe.num_experts)
+    return {n: statistics.median(t) for n, t in times.items()}, auto, rounds
 
 
 def target_floor(T: int, med: dict[str, float]) -> float:
@@ -170,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes")
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts T")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="at least this many timed rounds")
+    ap.add_argument(
+        "--budget", type=float, default=20.0, help="seconds of timed rounds per (mode, T) when rounds are short"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--only", nargs="*", help="candidate names to run (default all)")
@@ -180,14 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 512, 4096])
     moe = build(D, F, E, K)
     load_start = os.getloadavg()
-    rows = []
+    rows, rounds_used = [], {}
     for mode in args.modes:
         for T in tokens:
-            med, auto_choice = bench(moe, T, args.repeats, mode == "fwd+bwd", args.only)
+            med, auto_choice, n_rounds = bench(moe, T, args.repeats, mode == "fwd+bwd", args.only, args.budget)
             rows.append((mode, T, auto_choice, med))
+            rounds_used[(mode, T)] = n_rounds
             print(f"{mode} T={T}: " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in med.items()), flush=True)
     load = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load_start, os.getloadavg()))
-    print(f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, median of {args.repeats}")
+    counts = ", ".join(f"{m} T={t}: {n}" for (m, t), n in rounds_used.items())
+    print(f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, medians of rounds ({counts})")
     print(f"load average 1/5/15 min at start/end: {load}\n")
     names = list(rows[0][3])
     print(
