@@ -4,8 +4,10 @@ Legend: N rows (tokens), D model dim, V vocabulary, C rows in a chunk.
 
 ``F.cross_entropy(F.linear(h_ND, w_VD), targets_N)`` keeps the (N, V) logits, the (N, V)
 log-probabilities and, in backward, an (N, V) gradient: at batch 8 x 2048 and V = 32000 that is
-2 GB of float32 each. It also pays for torch's log-softmax backward, which on this CPU took 352
-ms of a 1.8 s training step of the ``small`` preset (8 x 256 tokens; ``docs/benchmarks.md``).
+2 GB of float32 each. Its memory passes over them can cost more than the head's products: in
+one profiled CPU training step of the ``small`` preset (8 x 256 tokens) log-softmax took 143 ms
+and its backward 352 ms, against 1.49 s for all of the step's matrix products; the step with
+this module is 1.7-1.85x faster than the unfused one (``docs/benchmarks.md``).
 
 ``linear_cross_entropy`` instead takes C rows at a time: their logits, then in place the
 softmax (max, exp, sum, scale: the fastest order measured on CPU), the loss from the row's
