@@ -49,6 +49,7 @@ case "$cmd" in
   test)
     setup
     ruff check src tests benchmarks
+    ruff format --check src tests benchmarks
     # pytest exit code 5 means "no tests collected": for this project that is a failure.
     set +e
     python -m pytest -q "$@"

@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {r['model']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
     ratios = {"smoe step time / dense (equal active) step time (target <= 1.3)": med["smoe"] / med[dense_key]}
     if "smoe, head + loss unfused" in med:
-        ratios["smoe tokens/s / smoe with head + loss unfused"] = med["smoe, head + loss unfused"] / med["smoe"]
+        ratios["smoe tokens/s / smoe with head + loss unfused"] = (
+            med["smoe, head + loss unfused"] / med["smoe"]
+        )
     if "smoe bf16 autocast" in med:
         ratios["smoe bf16 autocast tokens/s / smoe fp32 tokens/s"] = med["smoe"] / med["smoe bf16 autocast"]
     if "transformers Mixtral" in med:

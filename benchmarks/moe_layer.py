@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts T")
     ap.add_argument("--repeats", type=int, default=5, help="at least this many timed rounds")
     ap.add_argument(
-        "--budget", type=float, default=20.0, help="seconds of timed rounds per (mode, T) when rounds are short"
+        "--budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed rounds per (mode, T) when rounds are short",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, rounds_used = [], {}
     for mode in args.modes:
         for T in tokens:
-            med, auto_choice, n_rounds = bench(moe, T, args.repeats, mode == "fwd+bwd", args.only, args.budget)
+            med, auto_choice, n_rounds = bench(
+                moe, T, args.repeats, mode == "fwd+bwd", args.only, args.budget
+            )
             rows.append((mode, T, auto_choice, med))
             rounds_used[(mode, T)] = n_rounds
             print(f"{mode} T={T}: " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in med.items()), flush=True)

@@ -35,7 +35,9 @@ def test_missing_key(hf_dir):
 
 def test_unexpected_key(hf_dir):
     _rewrite(hf_dir, lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(3)))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*unexpected key 'model\.layers\.0\.extra\.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*unexpected key 'model\.layers\.0\.extra\.weight'"
+    ):
         smoe.load_model(hf_dir)
 
 
@@ -49,7 +51,9 @@ def test_config_disagrees_with_weights(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["intermediate_size"] = 64
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"w1\.weight' has shape \(48, 32\) but the config implies \(64, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"w1\.weight' has shape \(48, 32\) but the config implies \(64, 32\)"
+    ):
         smoe.load_model(hf_dir)
 
 
@@ -118,5 +122,7 @@ def test_pickle_with_code_is_refused(hf_dir, tmp_path):
     (out / "model.safetensors").unlink()
     with open(out / "pytorch_model.bin", "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot be read with torch\.load\(weights_only=True\)"):
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model\.bin: cannot be read with torch\.load\(weights_only=True\)"
+    ):
         smoe.load_model(out)

@@ -19,7 +19,9 @@ def logits(model):
         return model(TOKENS)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_local_experts": 1}, {"num_local_experts": 8, "sliding_window": 6}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_local_experts": 1}, {"num_local_experts": 8, "sliding_window": 6}]
+)
 def test_hf_to_smoe_to_hf_to_transformers(make_hf, tmp_path, overrides):
     import transformers
 
@@ -47,7 +49,11 @@ def _hf_to_consolidated_by_hand(hf_dir, out_dir, cfg):
         return w.view(heads, 2, o // heads // 2, i).transpose(1, 2).reshape(o, i).contiguous()
 
     for k, v in sd.items():
-        k2 = k.replace("model.embed_tokens", "tok_embeddings").replace("lm_head", "output").replace("model.norm", "norm")
+        k2 = (
+            k.replace("model.embed_tokens", "tok_embeddings")
+            .replace("lm_head", "output")
+            .replace("model.norm", "norm")
+        )
         k2 = k2.replace("model.layers", "layers").replace("self_attn.q_proj", "attention.wq")
         k2 = k2.replace("self_attn.k_proj", "attention.wk").replace("self_attn.v_proj", "attention.wv")
         k2 = k2.replace("self_attn.o_proj", "attention.wo").replace("input_layernorm", "attention_norm")
@@ -77,7 +83,10 @@ def test_consolidated_equals_hf(make_hf, tmp_path):
     torch.testing.assert_close(logits(from_cons), logits(from_hf), atol=1e-6, rtol=0)
     # smoe's own consolidated writer produces the same files.
     smoe.save_model(from_hf, tmp_path / "cons2", fmt="consolidated")
-    a, b = load_file(tmp_path / "cons" / "consolidated.safetensors"), load_file(tmp_path / "cons2" / "consolidated.safetensors")
+    a, b = (
+        load_file(tmp_path / "cons" / "consolidated.safetensors"),
+        load_file(tmp_path / "cons2" / "consolidated.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -141,4 +150,6 @@ def test_pickle_checkpoint_uses_weights_only(make_hf, tmp_path):
     out.mkdir()
     (out / "config.json").write_text((directory / "config.json").read_text())
     torch.save(sd, out / "pytorch_model.bin")
-    torch.testing.assert_close(logits(smoe.load_model(out)), logits(smoe.load_model(directory)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        logits(smoe.load_model(out)), logits(smoe.load_model(directory)), atol=0, rtol=0
+    )

@@ -42,8 +42,21 @@ def test_gpu_moe_tiny_runs(capsys):
 def test_moe_layer_quick_runs(capsys):
     with torch.enable_grad():
         load("moe_layer").main(
-            ["--quick", "--repeats", "1", "--budget", "0", "--tokens", "1", "3", "--modes", "fwd", "fwd+bwd",
-             "--threads", "1"]
+            [
+                "--quick",
+                "--repeats",
+                "1",
+                "--budget",
+                "0",
+                "--tokens",
+                "1",
+                "3",
+                "--modes",
+                "fwd",
+                "fwd+bwd",
+                "--threads",
+                "1",
+            ]
         )
     rows = table(capsys.readouterr().out)
     assert "smoe auto ms" in rows[0] and "floor flop ms" in rows[0]

@@ -18,7 +18,6 @@ from smoe.generate import GenerationConfig, Generator
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.mark.parametrize("window", [None, 4])
 def test_greedy_loop_equals_generator(make_hf, window):
     directory, _ = make_hf(sliding_window=window)

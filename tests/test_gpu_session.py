@@ -21,7 +21,11 @@ def test_gpu_session_tiny(tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     tables = (tmp_path / "tables.md").read_text()
-    for name, header in [("gpu_train", "| step (s) |"), ("gpu_moe", "| T | mode |"), ("gpu_decode", "| measurement |")]:
+    for name, header in [
+        ("gpu_train", "| step (s) |"),
+        ("gpu_moe", "| T | mode |"),
+        ("gpu_decode", "| measurement |"),
+    ]:
         assert f"## {name}\n{header}" in tables
     assert "graphed tokens == eager" in tables and "| yes |" in tables
     assert (tmp_path / "gpu_decode.log").stat().st_size > 0 and "skipped (a tiny run)" in done.stdout

@@ -49,7 +49,9 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
         if self.head_dim % 2:
-            raise ConfigError(f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+            raise ConfigError(
+                f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"config field 'n_heads' ({self.n_heads}) must be divisible by 'n_kv_heads' ({self.n_kv_heads})"
@@ -70,9 +72,13 @@ class ModelConfig:
                 f"config field 'sliding_window' must be None or a positive integer, got {self.sliding_window!r}"
             )
         if self.dispatch not in DISPATCH_ENGINES:
-            raise ConfigError(f"config field 'dispatch' must be one of {DISPATCH_ENGINES}, got {self.dispatch!r}")
+            raise ConfigError(
+                f"config field 'dispatch' must be one of {DISPATCH_ENGINES}, got {self.dispatch!r}"
+            )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ConfigError(f"config field 'capacity_factor' must be None or > 0, got {self.capacity_factor!r}")
+            raise ConfigError(
+                f"config field 'capacity_factor' must be None or > 0, got {self.capacity_factor!r}"
+            )
         if not 0.0 <= self.router_jitter < 1.0:
             raise ConfigError(f"config field 'router_jitter' must be in [0, 1), got {self.router_jitter!r}")
 
@@ -122,7 +128,9 @@ class ModelConfig:
             rope = hf.get("rope_parameters") or {}
             rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
             if rope.get("rope_type", "default") != "default":
-                raise ConfigError(f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+                raise ConfigError(
+                    f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')"
+                )
             act = hf.get("hidden_act", "silu")
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act must be 'silu', got {act!r}")
@@ -239,6 +247,7 @@ class ModelConfig:
             except TypeError as e:
                 raise ConfigError(f"{path}: {e}") from None
         return cls.from_params(d, str(path))
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Mixtral paper, Table 1.

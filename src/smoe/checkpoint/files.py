@@ -43,7 +43,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise CheckpointError(f"{path}: not a readable safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100 * 2**20:
-            raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} > file size {size})")
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (header length {n} > file size {size})"
+            )
         try:
             table = json.loads(f.read(n))
         except (UnicodeDecodeError, ValueError) as e:
@@ -60,7 +62,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             for d in info["shape"]:
                 numel *= int(d)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: not a readable safetensors file (bad entry for {key!r})") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (bad entry for {key!r})"
+            ) from None
         if end - begin != numel * dtype.itemsize or data_start + end > size:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file (tensor {key!r} needs bytes up to "
@@ -159,5 +163,7 @@ def hf_weight_files(directory: Path) -> list[Path]:
 def consolidated_weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("consolidated*.safetensors")) or sorted(directory.glob("consolidated*.pth"))
     if not files:
-        raise CheckpointError(f"{directory}: no consolidated.safetensors or consolidated.*.pth next to params.json")
+        raise CheckpointError(
+            f"{directory}: no consolidated.safetensors or consolidated.*.pth next to params.json"
+        )
     return files

@@ -86,7 +86,10 @@ def hf_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
 
 def consolidated_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
     """smoe name -> Recipe over mistral-inference's consolidated key names."""
-    r: dict[str, Recipe] = {"tok_embeddings.weight": _one("tok_embeddings.weight"), "norm.weight": _one("norm.weight")}
+    r: dict[str, Recipe] = {
+        "tok_embeddings.weight": _one("tok_embeddings.weight"),
+        "norm.weight": _one("norm.weight"),
+    }
     if not cfg.tie_embeddings:
         r["output.weight"] = _one("output.weight")
     for i in range(cfg.n_layers):

@@ -62,9 +62,13 @@ def _materialise(
     used = {k for r in recipes.values() for k in r.keys}
     unexpected = sorted(k for k in src.keys() - used if not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
-        raise CheckpointError(f"{src.file_of(unexpected[0])}: unexpected key {unexpected[0]!r} (+{len(unexpected) - 1} more)")
+        raise CheckpointError(
+            f"{src.file_of(unexpected[0])}: unexpected key {unexpected[0]!r} (+{len(unexpected) - 1} more)"
+        )
     out: dict[str, torch.Tensor] = {}
-    for name, recipe in tqdm(recipes.items(), desc="loading", unit="tensor", leave=False, disable=len(recipes) < 200):
+    for name, recipe in tqdm(
+        recipes.items(), desc="loading", unit="tensor", leave=False, disable=len(recipes) < 200
+    ):
         want = tuple(expected[name].shape)
         per_key = want[1:] if len(recipe.keys) > 1 else want
         for k in recipe.keys:
@@ -164,7 +168,10 @@ def save_model(
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
-    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(
+        directory / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
     return directory
 
 

@@ -22,7 +22,9 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoe", description="Sparse mixture-of-experts (Mixtral-family) toolkit")
+    parser = argparse.ArgumentParser(
+        prog="smoe", description="Sparse mixture-of-experts (Mixtral-family) toolkit"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -36,7 +36,9 @@ def _info(args: argparse.Namespace) -> int:
     cfg = load_config(args.model)
     for k, v in cfg.to_dict().items():
         print(f"{k:>16}: {v}")
-    print(f"{'parameters':>16}: {cfg.num_params() / 1e9:.3f}B total, {cfg.num_params(active=True) / 1e9:.3f}B active")
+    print(
+        f"{'parameters':>16}: {cfg.num_params() / 1e9:.3f}B total, {cfg.num_params(active=True) / 1e9:.3f}B active"
+    )
     if args.load:
         model = load_model(args.model)
         print(f"{'loaded':>16}: {model.num_params() / 1e6:.1f}M parameters, all keys matched")

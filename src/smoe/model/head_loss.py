@@ -118,7 +118,12 @@ def linear_cross_entropy(
     for reduction "mean" or "sum", computed ``rows`` rows at a time (default: ``chunk_rows``)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if h_ND.ndim != 2 or w_VD.ndim != 2 or h_ND.shape[1] != w_VD.shape[1] or targets_N.shape != h_ND.shape[:1]:
+    if (
+        h_ND.ndim != 2
+        or w_VD.ndim != 2
+        or h_ND.shape[1] != w_VD.shape[1]
+        or targets_N.shape != h_ND.shape[:1]
+    ):
         raise ValueError(
             f"linear_cross_entropy: expected h (N, D), w (V, D), targets (N,); got "
             f"{tuple(h_ND.shape)}, {tuple(w_VD.shape)}, {tuple(targets_N.shape)}"

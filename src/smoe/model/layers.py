@@ -50,9 +50,7 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x_BHTd * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def causal_mask(
-    q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
+def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask: True where query t may attend to key s.
 
     Key s is visible from query t when ``k_pos <= q_pos`` and, with a window W,

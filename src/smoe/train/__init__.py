@@ -6,4 +6,11 @@ from smoe.train.config import TrainConfig
 from smoe.train.losses import load_balancing_loss, router_z_loss
 from smoe.train.step import NonFiniteLossError, forward_loss, train_step
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "forward_loss", "load_balancing_loss", "router_z_loss", "train_step"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "forward_loss",
+    "load_balancing_loss",
+    "router_z_loss",
+    "train_step",
+]
