@@ -163,3 +163,11 @@ def test_bf16_autocast_step_keeps_fp32_master(tmp_path, dispatch):
     assert exp_avg and all(t.dtype == torch.float32 for t in exp_avg)
     for d in fp32["val"]:
         assert bf16["val"][d] == pytest.approx(fp32["val"][d], rel=0.02)
+
+
+def test_corpus_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    small = MODEL.replace(vocab_size=32)  # the corpus says 64
+    with pytest.raises(ValueError, match="vocabulary of 64, larger than the model's vocab_size=32"):
+        train(tmp_path / "run", small, tcfg(), corpus)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start

@@ -89,6 +89,16 @@ class MetricsLog:
         self.f.close()
 
 
+def _check_vocab(corpus_dir, model_cfg: ModelConfig) -> None:
+    corpus = Corpus(corpus_dir)
+    corpus_vocab = corpus.manifest.get("vocab_size")
+    if corpus_vocab is not None and int(corpus_vocab) > model_cfg.vocab_size:
+        raise ValueError(
+            f"{corpus.path}: the corpus was tokenized with a vocabulary of {corpus_vocab}, larger than "
+            f"the model's vocab_size={model_cfg.vocab_size}; its token ids would not fit the embedding"
+        )
+
+
 def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, write: bool = True):
     config_file, run_file = run_dir / "config.json", run_dir / "run.json"
     if resume:
@@ -102,6 +112,7 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, writ
                 )
         if corpus_dir is None:
             corpus_dir = json.loads(run_file.read_text())["corpus"]
+        _check_vocab(corpus_dir, saved_model)
         return saved_model, saved_train, Path(corpus_dir)
     if ckpt.list_checkpoints(run_dir):
         raise ValueError(
@@ -109,6 +120,7 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, writ
         )
     if model_cfg is None or train_cfg is None or corpus_dir is None:
         raise ValueError("a new run needs a model config, a train config and a corpus")
+    _check_vocab(corpus_dir, model_cfg)  # before anything is written
     if write:  # every rank checks the above; only the main rank writes
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_file(config_file, model_cfg, train_cfg)
@@ -169,6 +181,7 @@ def _train(
     run_dir = Path(run_dir)
     main, rank = sd.is_main(), sd.rank()
     model_cfg, cfg, corpus_dir = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
+    corpus = Corpus(corpus_dir)
     layout = parallel.resolve(world, model_cfg.num_experts) if world > 1 else None
     saved, path = None, None
     if resume:  # every rank reads the same (full) checkpoint
@@ -199,7 +212,6 @@ def _train(
         wrap_engines_for_autocast(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    corpus = Corpus(corpus_dir)
     sampler = TrainSampler(corpus, cfg.seq_len, cfg.batch_size, cfg.seed)
     val = {
         d: [b.to(device) for b in val_batches(corpus, d, cfg.seq_len, cfg.batch_size, cfg.eval_batches)]
