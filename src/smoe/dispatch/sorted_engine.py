@@ -43,6 +43,10 @@ def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or any(w.dtype != x_AD.dtype for w in w_EXY):
         return False
     if x_AD.device.type == "cpu":
+        if torch.compiler.is_compiling() and x_AD.dtype != torch.bfloat16:
+            # torch.compile traces grouped_mm with a shape function that accepts bfloat16 only
+            # (torch 2.13: "Expected inputs of BF16 type"), although the CPU kernel runs float32.
+            return False
         return x_AD.dtype in _GROUPED_MM_CPU_DTYPES and all(_aligned(t) for t in (x_AD, *w_EXY))
     if x_AD.device.type == "cuda":
         return x_AD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_AD.device) >= (8, 0)
