@@ -55,3 +55,20 @@ def test_token_ids_outside_the_vocabulary_fail_loudly(make_hf, tmp_path, capsys)
         ["analyze", "--model", str(hf_dir), "--data", f"t={tmp_path}/a.txt", "--out", str(tmp_path / "o")]
     )
     assert rc == 2 and "vocabulary has 97 entries" in capsys.readouterr().err
+
+
+def test_recording_runs_the_head_on_one_position_only(make_hf):
+    """Routing is all the recorder keeps, so the output head sees one row per sequence, not T."""
+    import smoe
+    from smoe.analysis.record import route_documents
+
+    hf_dir, _ = make_hf(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
+    model = smoe.load_model(hf_dir).eval()
+    head_rows = []
+    model.output.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1]))
+    docs = [np.arange(3, 40), np.arange(5, 20)]
+    with torch.no_grad():
+        chunks = list(route_documents(model, docs, layers=[0, 1], seq_len=64, batch_size=2))
+    assert head_rows == [torch.Size([2, 1])]
+    assert sum(len(c.token_ids_N) for c in chunks) == 37 + 15
+    assert all(c.expert_ids_NLK.shape[1:] == (2, 2) for c in chunks)
