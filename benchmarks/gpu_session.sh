@@ -14,6 +14,15 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 TINY=${SMOE_GPU_TINY:+--tiny}
 status=0
 
+table() {  # the last table (trailing lines starting with '|') of $OUT/NAME.log, appended to tables.md
+  {
+    echo
+    echo "## $1"
+    awk '/^\|/{buf = buf $0 "\n"; next} {if (buf != "") last = buf; buf = ""} END {printf "%s", (buf != "" ? buf : last)}' \
+      "$OUT/$1.log"
+  } | tee -a "$OUT/tables.md"
+}
+
 run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, remember a failure, go on
   local name=$1 limit=$2
   shift 2
@@ -31,20 +40,18 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$OUT/devi
 if [ -n "$TINY" ]; then
   echo "== tests: skipped (a tiny run)"
 elif python -c "import pytest, hypothesis" 2>/dev/null; then
-  run tests 120 python -m pytest -q -p no:cacheprovider -x tests/test_dispatch_triton.py \
+  run tests 90 python -m pytest -q -p no:cacheprovider -x tests/test_dispatch_triton.py \
     tests/test_generate_decode_loop.py tests/test_model_head_loss.py
 else
   echo "== tests: skipped (pytest or hypothesis not installed)"
 fi
-run gpu_train 150 python benchmarks/gpu_train.py --steps 5 --warmup 2 $TINY
-run gpu_moe 180 python benchmarks/gpu_moe.py --iters 3 ${TINY:---tokens 1 16 512 2048 8192 32768} $TINY
-run gpu_decode 240 python benchmarks/gpu_decode.py --steps 64 $TINY
-
-for name in gpu_train gpu_moe gpu_decode; do
-  echo
-  echo "## $name"
-  # each script prints its table last: the trailing lines that start with '|'
-  awk '/^\|/{buf = buf $0 "\n"; next} {if (buf != "") last = buf; buf = ""} END {printf "%s", (buf != "" ? buf : last)}' \
-    "$OUT/$name.log"
-done | tee "$OUT/tables.md"
+# Limits add up to 560 s, under the device tool's 600 s per call; each table is written as soon
+# as its script ends, so a call cut short still returns what finished.
+: >"$OUT/tables.md"
+run gpu_train 120 python benchmarks/gpu_train.py --steps 5 --warmup 2 $TINY
+table gpu_train
+run gpu_moe 150 python benchmarks/gpu_moe.py --iters 3 ${TINY:---tokens 1 16 512 2048 8192 32768} $TINY
+table gpu_moe
+run gpu_decode 200 python benchmarks/gpu_decode.py --steps 64 $TINY
+table gpu_decode
 exit $status
