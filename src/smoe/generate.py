@@ -105,8 +105,7 @@ class Generator:
     times faster at batch 1 (docs/benchmarks.md). ``compile=True`` instead wraps the model's
     single-token step in ``torch.compile`` (static shapes, the cache is reused between calls of
     the same batch size and length). On CPU it does not pay today: the gather engine reads
-    expert ids on the host, so dynamo recompiles per expert id, and the sorted engine's
-    grouped_mm does not trace in float32.
+    expert ids on the host, so dynamo recompiles per expert id.
     """
 
     def __init__(

@@ -22,12 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.dispatch.grouped_experts import needs_grad
 from smoe.dispatch.reference import swiglu
 from smoe.dispatch.sorted_engine import sorted_dispatch
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _gather_host_loop(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
@@ -85,7 +82,7 @@ def gather_dispatch(
 ) -> torch.Tensor:
     if x_TD.device.type != "cpu":
         impl = _gather_index_select
-    elif expert_ids_TK.numel() <= w1_EFD.shape[0] and not _needs_grad(
+    elif expert_ids_TK.numel() <= w1_EFD.shape[0] and not needs_grad(
         x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD
     ):
         impl = _gather_decode

@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will call a backward: without one the experts work in place."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from smoe.dispatch.grouped_experts import GroupedExperts
+from smoe.dispatch.grouped_experts import GroupedExperts, needs_grad
 from smoe.dispatch.loop_experts import LoopExperts
 from smoe.dispatch.padded_experts import PaddedExperts, use_padded
 from smoe.dispatch.permute import Permutation, combine, sort_by_expert, tokens_to_rows
@@ -53,21 +53,16 @@ def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
     return False
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd will call a backward: without one the experts work in place."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _experts_grouped(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     offs_E = p.counts_E.cumsum(0).to(torch.int32)
-    save = _needs_grad(x_AD, w1_EFD, w2_EDF, w3_EFD)
+    save = needs_grad(x_AD, w1_EFD, w2_EDF, w3_EFD)
     return GroupedExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, offs_E, p.valid_A1, save)
 
 
 def _experts_loop(x_AD: torch.Tensor, p: Permutation, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
     counts = p.counts_E.tolist()  # the one host read of this path (a sync on accelerators)
     if use_padded(counts):  # see padded_experts.py
-        save = _needs_grad(x_AD, w1_EFD, w2_EDF, w3_EFD)
+        save = needs_grad(x_AD, w1_EFD, w2_EDF, w3_EFD)
         return PaddedExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, counts, save)
     return LoopExperts.apply(x_AD, w1_EFD, w2_EDF, w3_EFD, counts)
 

@@ -89,7 +89,7 @@ class MetricsLog:
         self.f.close()
 
 
-def _check_vocab(corpus_dir, model_cfg: ModelConfig) -> None:
+def _open_corpus(corpus_dir, model_cfg: ModelConfig) -> Corpus:
     corpus = Corpus(corpus_dir)
     corpus_vocab = corpus.manifest.get("vocab_size")
     if corpus_vocab is not None and int(corpus_vocab) > model_cfg.vocab_size:
@@ -97,6 +97,7 @@ def _check_vocab(corpus_dir, model_cfg: ModelConfig) -> None:
             f"{corpus.path}: the corpus was tokenized with a vocabulary of {corpus_vocab}, larger than "
             f"the model's vocab_size={model_cfg.vocab_size}; its token ids would not fit the embedding"
         )
+    return corpus
 
 
 def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, write: bool = True):
@@ -112,20 +113,19 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, writ
                 )
         if corpus_dir is None:
             corpus_dir = json.loads(run_file.read_text())["corpus"]
-        _check_vocab(corpus_dir, saved_model)
-        return saved_model, saved_train, Path(corpus_dir)
+        return saved_model, saved_train, _open_corpus(corpus_dir, saved_model)
     if ckpt.list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir}: already holds checkpoints; pass --resume to continue it or choose another --out"
         )
     if model_cfg is None or train_cfg is None or corpus_dir is None:
         raise ValueError("a new run needs a model config, a train config and a corpus")
-    _check_vocab(corpus_dir, model_cfg)  # before anything is written
+    corpus = _open_corpus(corpus_dir, model_cfg)  # checked before anything is written
     if write:  # every rank checks the above; only the main rank writes
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_file(config_file, model_cfg, train_cfg)
         run_file.write_text(json.dumps({"corpus": str(Path(corpus_dir).resolve())}) + "\n")
-    return model_cfg, train_cfg, Path(corpus_dir)
+    return model_cfg, train_cfg, corpus
 
 
 class _NoLog:
@@ -180,8 +180,7 @@ def _train(
 ):
     run_dir = Path(run_dir)
     main, rank = sd.is_main(), sd.rank()
-    model_cfg, cfg, corpus_dir = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
-    corpus = Corpus(corpus_dir)
+    model_cfg, cfg, corpus = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
     layout = parallel.resolve(world, model_cfg.num_experts) if world > 1 else None
     saved, path = None, None
     if resume:  # every rank reads the same (full) checkpoint
