@@ -92,3 +92,21 @@ def test_triton_T0_and_non_contiguous():
 def test_triton_bf16():
     problem = on_device(make_problem(6, 32, 32, 4, 2, dtype=torch.bfloat16, seed=4))
     assert_matches_reference(ENGINES["triton"], problem, scale_tol=3e-2)
+
+
+def test_block_n_spreads_decode_over_the_sms():
+    block_n = importlib.import_module("smoe.dispatch.triton_engine").block_n
+    h200 = 132
+    # One token of Mixtral (A = 2 of E = 8): 128-column programs would be 2 * 32 = 64 for the
+    # down projection; 32-column ones give 256 (and 896 for the up projection's 14336).
+    assert block_n(2, 8, 16, 4096, h200) == 32
+    assert block_n(2, 8, 16, 14336, h200) == 32
+    # Batch 16 decode touches all 8 experts: 8 * 112 programs already fill the GPU.
+    assert block_n(32, 8, 16, 14336, h200) == 128
+    assert block_n(32, 8, 16, 4096, h200) == 32
+    # Prefill and training: A / BM row tiles, full-width programs.
+    assert block_n(16384, 8, 128, 4096, h200) == 128
+    assert block_n(16384, 8, 128, 14336, h200) == 128
+    # Narrow outputs keep their own power of two; one SM (the interpreter) never narrows.
+    assert block_n(2, 8, 16, 16, h200) == 16
+    assert block_n(2, 8, 16, 4096, 1) == 128

@@ -18,6 +18,7 @@ TRITON_INTERPRET=1, which the tests use.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -69,6 +70,33 @@ def make_plan(expert_ids_TK: torch.Tensor, num_experts: int) -> Plan:
     )  # fmt: skip
 
 
+# Programs per SM from which the columns of a tile stop being narrowed (block_n).
+PROGRAMS_PER_SM = 4
+
+
+def block_n(num_assignments: int, num_experts: int, BM: int, N: int, num_sms: int) -> int:
+    """Output columns per program: 128, or narrower (down to 32) while so few row tiles hold
+    rows that 128-column programs would leave SMs idle. Decoding one token of Mixtral touches 2
+    experts: its down projection (N = 4096) in 128-column programs is 2 x 32 = 64 programs on an
+    H200's 132 SMs, half the GPU idle in a memory-bound loop; in 32-column programs, 256.
+
+    Row tiles with rows: about min(A, E) while BM is at least the mean rows per expert (as
+    make_plan picks it up to 128 rows), else about A / BM. Shapes only: no synchronisation.
+    Not measured on a GPU yet (docs/benchmarks.md); the rule only spreads the same work."""
+    BN = _pow2_between(N, 16, 128)
+    tiles = min(num_assignments, num_experts) if BM * num_experts >= num_assignments else -(-num_assignments // BM)
+    while BN > 32 and tiles * triton.cdiv(N, BN) < PROGRAMS_PER_SM * num_sms:
+        BN //= 2
+    return BN
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # triton's CPU interpreter (tests): programs run one after another anyway
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _dot_args(dtype: torch.dtype) -> dict:
     """fp32 operands: exact (IEEE) products, as the reference. bf16 under the interpreter: see
     DOT_F32 in triton_kernels.py. "tf32" is ignored for 16-bit operands."""
@@ -81,7 +109,12 @@ def _gmm(plan: Plan, mode: int, a, b_ENK, c, *, a_idx=None, c_idx=None, a2=None,
     """Launch gmm_kernel: C[c_idx[r]] = (A[a_idx[r]] @ B[e]^T, then MODE's epilogue) for sorted rows r."""
     E, N, K = b_ENK.shape
     b2 = b_ENK if b2_ENK is None else b2_ENK
-    BN, BK = _pow2_between(N, 16, 128), _pow2_between(K, 16, 64)
+    BN = block_n(plan.order_R.numel(), E, plan.BM, N, _num_sms(a.device))
+    # float32 operands: half the reduction block and one stage fewer, so that the two-product
+    # modes fit in shared memory (2 x (128 x 32 + 32 x 128) x 4 bytes = 64 KB a stage; with
+    # BK = 64 and 3 stages they would ask 384 KB, over an H100's or H200's 227 KB).
+    wide = a.element_size() > 2
+    BK = _pow2_between(K, 16, 32 if wide else 64)
     grid = (plan.tile_expert.numel(), triton.cdiv(N, BN))
     kern.gmm_kernel[grid](
         a, a_idx if a_idx is not None else plan.token_R, a2 if a2 is not None else a, b_ENK, b2,
@@ -91,7 +124,7 @@ def _gmm(plan: Plan, mode: int, a, b_ENK, c, *, a_idx=None, c_idx=None, a2=None,
         N, K, E, *b_ENK.stride(), *b2.stride(),
         MODE=mode, HAS_A_IDX=a_idx is not None, HAS_C_IDX=c_idx is not None, SAVE_H=save_h,
         BM=plan.BM, BN=BN, BK=BK, **_dot_args(a.dtype),
-        num_warps=8 if plan.BM * BN >= 128 * 128 else 4, num_stages=3,
+        num_warps=8 if plan.BM * BN >= 128 * 128 else 4, num_stages=2 if wide else 3,
     )  # fmt: skip
 
 
