@@ -84,7 +84,11 @@ def block_n(num_assignments: int, num_experts: int, BM: int, N: int, num_sms: in
     make_plan picks it up to 128 rows), else about A / BM. Shapes only: no synchronisation.
     Not measured on a GPU yet (docs/benchmarks.md); the rule only spreads the same work."""
     BN = _pow2_between(N, 16, 128)
-    tiles = min(num_assignments, num_experts) if BM * num_experts >= num_assignments else -(-num_assignments // BM)
+    tiles = (
+        min(num_assignments, num_experts)
+        if BM * num_experts >= num_assignments
+        else -(-num_assignments // BM)
+    )
     while BN > 32 and tiles * triton.cdiv(N, BN) < PROGRAMS_PER_SM * num_sms:
         BN //= 2
     return BN
