@@ -30,6 +30,7 @@ from functools import cache
 import torch
 
 from smoe.dispatch.gather import gather_dispatch
+from smoe.dispatch.permute import tokens_per_expert  # noqa: F401  (public: counts without a host sync)
 from smoe.dispatch.reference import reference_dispatch
 from smoe.dispatch.sorted_engine import sorted_dispatch
 
@@ -91,9 +92,3 @@ def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise ValueError(f"unknown dispatch engine {name!r}; available: {sorted(ENGINES)}")
     return ENGINES[name]
-
-
-def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Count of (token, choice) assignments per expert, computed on device (no host sync).
-    Dropped assignments (id E) are not counted."""
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)[:num_experts]

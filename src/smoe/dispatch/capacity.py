@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from smoe.dispatch.permute import tokens_per_expert
+
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -39,7 +41,7 @@ def apply_capacity(
     # Priority order is choice-major: (c0: t0..tT-1), (c1: t0..tT-1), ...
     ids_P = expert_ids_TK.t().reshape(-1)
     sorted_ids_P, order_P = torch.sort(ids_P, stable=True)
-    counts_E = torch.bincount(ids_P, minlength=num_experts)
+    counts_E = tokens_per_expert(ids_P, num_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     rank_sorted_P = torch.arange(ids_P.numel(), device=ids_P.device) - starts_E[sorted_ids_P]
     rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)

@@ -32,6 +32,24 @@ class Permutation:
     top_k: int
 
 
+def tokens_per_expert(
+    expert_ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 (E,) count of each expert id in ``expert_ids`` (any shape), each one counted
+    ``weights`` times if given (integers, same shape). Id E, a dropped assignment, is not
+    counted. Example, E = 3: ids [[2, 0], [0, 3]] -> [2, 0, 1].
+
+    Not ``torch.bincount``: on CUDA that reads the largest id back to the host (its output
+    length depends on it), a synchronisation on every call and an error under CUDA graph
+    capture. Here the output size depends on E alone, and integer atomic adds make the counts
+    exact in any order."""
+    ids_A = expert_ids.reshape(-1).long()
+    add_A = torch.ones_like(ids_A) if weights is None else weights.reshape(-1).long()
+    return torch.zeros(num_experts + 1, dtype=torch.long, device=ids_A.device).scatter_add_(0, ids_A, add_A)[
+        :num_experts
+    ]
+
+
 def sort_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> Permutation:
     """Group the T*K assignments by expert without a host synchronisation."""
     K = expert_ids_TK.shape[1]
@@ -39,8 +57,7 @@ def sort_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> Permutation
     sorted_ids_A, order_A = torch.sort(ids_A, stable=True)
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    # bincount's length grows to E + 1 when a dropped id (== E) is present; keep the first E.
-    counts_E = torch.bincount(ids_A, minlength=num_experts)[:num_experts]
+    counts_E = tokens_per_expert(ids_A, num_experts)
     valid_A1 = (sorted_ids_A < num_experts).unsqueeze(-1)
     return Permutation(order_A, inverse_A, order_A // K, counts_E, valid_A1, K)
 

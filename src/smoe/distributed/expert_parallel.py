@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smoe.dispatch import Engine, get_engine
+from smoe.dispatch import Engine, get_engine, tokens_per_expert
 from smoe.model.moe import MoE
 
 EXPERT_PARAMS = ("w1", "w2", "w3")
@@ -111,7 +111,7 @@ class ExpertParallelEngine:
         # 1. Group the (token, choice) rows by expert, hence by destination rank. Assignments
         #    dropped by a capacity limit carry id E: they sort last and are not sent.
         flat_e = expert_ids_TK.reshape(-1)
-        count_RL = torch.bincount(flat_e, minlength=E + 1)[:E].view(R, L)
+        count_RL = tokens_per_expert(flat_e, E).view(R, L)
         in_splits = count_RL.sum(1).tolist()
         order_N = torch.argsort(flat_e, stable=True)[: sum(in_splits)]
         token_N = order_N // K

@@ -30,6 +30,8 @@ The mean is over the rows whose target is not ``ignore_index`` (NaN if there are
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Rows per chunk = CHUNK_ELEMENTS // V. On CPU, 2**24 float32 logits (64 MB; 524 rows at
@@ -129,7 +131,8 @@ def linear_cross_entropy(
             f"{tuple(h_ND.shape)}, {tuple(w_VD.shape)}, {tuple(targets_N.shape)}"
         )
     device = h_ND.device
-    if torch.is_autocast_enabled(device.type):
+    has_autocast = torch.amp.is_autocast_available(device.type)  # not e.g. for meta tensors
+    if has_autocast and torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
     elif h_ND.dtype != w_VD.dtype:
@@ -137,7 +140,7 @@ def linear_cross_entropy(
     valid_N = targets_N != ignore_index
     t_N = targets_N.masked_fill(~valid_N, 0)
     rows = rows or chunk_rows(w_VD.shape[0], device)
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False) if has_autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             total = _LinearCrossEntropy.apply(h_ND.contiguous(), w_VD, t_N, valid_N, rows)
         else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import ModelConfig
-from smoe.dispatch import get_engine
+from smoe.dispatch import get_engine, tokens_per_expert
 from smoe.dispatch.capacity import apply_capacity
 from smoe.dispatch.reference import swiglu
 
@@ -34,8 +34,8 @@ class RouterOutput:
     dropped_TK: torch.Tensor | None = None  # bool, assignments over capacity (capacity mode only)
 
     def tokens_per_expert(self) -> torch.Tensor:
-        """Assignments the router made per expert (before any capacity drop)."""
-        return torch.bincount(self.expert_ids_TK.reshape(-1), minlength=self.logits_TE.shape[-1])
+        """Assignments the router made per expert (before any capacity drop); no host sync."""
+        return tokens_per_expert(self.expert_ids_TK, self.logits_TE.shape[-1])
 
     def dropped_fraction(self) -> torch.Tensor:
         """Fraction of the T*K assignments dropped by the capacity limit, as a device tensor."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from smoe.dispatch import tokens_per_expert
 from smoe.model.transformer import Transformer
 from smoe.train.config import TrainConfig
 from smoe.train.data import Batch
@@ -61,11 +62,12 @@ def forward_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> LossParts:
     total = ce + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
     with torch.no_grad():
         E = inner.config.num_experts
-        if batch.mask_BT is None:
-            counts = [torch.bincount(r.expert_ids_TK.reshape(-1), minlength=E) for r in routings]
-        else:
-            w_TK = batch.mask_BT.reshape(-1, 1).expand_as(routings[0].expert_ids_TK).reshape(-1).long()
-            counts = [torch.bincount(r.expert_ids_TK.reshape(-1), w_TK, minlength=E) for r in routings]
+        w_TK = (
+            None
+            if batch.mask_BT is None
+            else batch.mask_BT.reshape(-1, 1).expand_as(routings[0].expert_ids_TK)
+        )
+        counts = [tokens_per_expert(r.expert_ids_TK, E, w_TK) for r in routings]
     return LossParts(total, ce.detach(), balance.detach(), z.detach(), torch.stack(counts).float())
 
 
