@@ -1,6 +1,9 @@
 """The training benchmark scripts run (tiny, on the CPU) and count FLOPs consistently."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,26 @@ def test_gpu_train_tiny_runs(capsys):
     result = _load("gpu_train").main(["--tiny"])
     assert result["tokens_per_s"] > 0 and result["loss"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("|")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_gpu_train_tiny_runs_the_triton_engine(capsys):
+    """The GPU benchmark's default engine on CUDA is triton: its whole training step (bf16
+    autocast, forward, backward, optimizer) under triton's CPU interpreter, in a fresh process
+    (triton reads TRITON_INTERPRET when first imported). Same seed and data as the auto engine,
+    so the first step's loss must agree within bf16 rounding."""
+    args = ["--tiny", "--steps", "1", "--warmup", "1"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), *args, "--dispatch", "triton"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "dispatch=triton" in done.stdout
+    triton_loss = float(done.stdout.strip().splitlines()[-1].strip("|").split("|")[-1])
+    auto_loss = _load("gpu_train").main(args)["loss"]
+    assert abs(triton_loss - auto_loss) < 0.01 * auto_loss, (triton_loss, auto_loss)
 
 
 @pytest.mark.slow
