@@ -38,6 +38,23 @@ def test_gpu_moe_tiny_runs(capsys):
                 assert any(r.startswith(f"| {T} | {mode} | {engine} |") for r in body), (T, mode, engine)
 
 
+def test_gpu_moe_keeps_going_when_an_engine_fails(capsys, monkeypatch):
+    """A GPU session gets one call: an engine that fails at some shape costs its rows only."""
+    gpu_moe = load("gpu_moe")
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setitem(gpu_moe.ENGINES, "gather", broken)  # at T = 1 "auto" runs it too
+    with torch.enable_grad():
+        gpu_moe.main(["--tiny", "--iters", "1", "--tokens", "1", "--no-hf"])
+    out = capsys.readouterr().out
+    assert "T=1 fwd smoe gather: FAILED RuntimeError: out of resources" in out
+    body = table(out)[2:]
+    assert any(r.startswith("| 1 | fwd+bwd | smoe gather | nan |") for r in body)
+    assert any(r.startswith("| 1 | fwd+bwd | smoe sorted |") and "nan" not in r for r in body)
+
+
 @pytest.mark.slow
 def test_moe_layer_quick_runs(capsys):
     with torch.enable_grad():
