@@ -5,6 +5,8 @@ initialised in place), so no 90 GB host copy is ever made. Measured:
 
 - greedy decode tokens/s at batch 1 and batch 16 (total over rows), with the step captured
   in a CUDA graph (smoe.decode_loop.GreedyDecodeLoop): no host sync per token;
+- the same through smoe.generate.Generator, what ``smoe generate`` runs: a graphed step, but
+  each token read on the host (sampling, stop strings, streaming);
 - prefill of a 2048-token prompt into the KV cache, in TFLOP/s of matmul work
   (2 * active non-embedding, non-head parameters per token, the head once: a prefill keeps
   only the last logits, plus causal attention).
@@ -25,6 +27,7 @@ import torch
 from smoe.cache import KVCache
 from smoe.config import ModelConfig
 from smoe.decode_loop import GreedyDecodeLoop
+from smoe.generate import GenerationConfig, Generator
 from smoe.model.transformer import Transformer
 
 
@@ -96,6 +99,26 @@ def bench_decode(
     return B * steps / (time.perf_counter() - t0), ok, kind
 
 
+def bench_generator(model, cfg, B: int, prompt_len: int, steps: int) -> float:
+    """Decode tokens/s (total over rows) of smoe.generate.Generator, the path of ``smoe
+    generate``/``chat``: on CUDA its step is replayed from a CUDA graph (smoe.graph_step), and
+    every token goes to the host for sampling, stop checks and streaming."""
+    gen = Generator(model)
+    prompts = torch.randint(
+        3, cfg.vocab_size, (B, prompt_len), generator=torch.Generator().manual_seed(B)
+    ).tolist()
+
+    def timed(n: int) -> float:
+        sync(model.tok_embeddings.weight.device)
+        t0 = time.perf_counter()
+        out = gen.generate(prompts, GenerationConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False))
+        assert all(len(c.token_ids) == n for c in out)
+        return time.perf_counter() - t0
+
+    timed(4)  # capture and warm-up
+    return B * (steps - 1) / max(timed(steps) - timed(1), 1e-9)
+
+
 def bench_prefill(model, cfg, T: int, device, repeats: int = 3) -> tuple[float, float]:
     """(seconds, TFLOP/s) for one T-token prompt into a fresh cache."""
     prompt = torch.randint(
@@ -163,6 +186,10 @@ def main() -> None:
         rows.append(
             f"| greedy decode, batch {B} ({kind}, {args.steps} steps) | {tps:.1f} tok/s | {'yes' if ok else 'NO'} |"
         )
+    for B in args.batch:
+        tps = bench_generator(model, cfg, B, args.prompt_len, min(args.steps, 64))
+        print(f"Generator batch {B}: {tps:.1f} tok/s", flush=True)
+        rows.append(f"| smoe Generator (smoe generate's path), batch {B}, greedy | {tps:.1f} tok/s | - |")
     dt, tflops = bench_prefill(model, cfg, args.prefill_len, device)
     print(f"prefill {args.prefill_len}: {dt * 1e3:.1f} ms, {tflops:.1f} TFLOP/s", flush=True)
     rows.append(f"| prefill {args.prefill_len} tokens ({dt * 1e3:.1f} ms) | {tflops:.1f} TFLOP/s | - |")

@@ -71,4 +71,6 @@ def test_gpu_benchmark_runs_tiny_on_cpu(monkeypatch, capsys):
     mod.main()
     out = capsys.readouterr().out.strip().splitlines()
     table = out[out.index("| measurement | result | graphed tokens == eager |") :]
-    assert len(table) == 5 and "| yes |" in table[2] and "| yes |" in table[3] and "prefill 32" in table[4]
+    assert len(table) == 7 and "| yes |" in table[2] and "| yes |" in table[3] and "prefill 32" in table[6]
+    assert table[4].startswith("| smoe Generator (smoe generate's path), batch 1, greedy |")
+    assert table[5].startswith("| smoe Generator (smoe generate's path), batch 3, greedy |")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from smoe.cache import KVCache
+from smoe.graph_step import capture
 
 
 class GreedyDecodeLoop:
@@ -55,17 +56,8 @@ class GreedyDecodeLoop:
         self.step_1.add_(1)
 
     def _capture(self) -> None:
-        """Capture one step, before any prefill: warm up on a side stream (cuBLAS handles,
-        Triton autotuning, allocator pools), capture, then forget what the warm-up wrote."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._step()
+        """Capture one step, before any prefill, then forget what its warm-up wrote."""
+        self._graph = capture(self._step)
         self.cache.reset()
 
     def start(self, first_tok_B: torch.Tensor, next_pos_B: torch.Tensor) -> None:

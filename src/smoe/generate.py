@@ -29,6 +29,7 @@ import torch
 from smoe import fast_decode
 from smoe.cache import KVCache
 from smoe.decode_layout import apply_decode_layout
+from smoe.graph_step import GraphedDecodeStep
 from smoe.sampling import SamplingConfig, make_generators, sample
 from smoe.textstream import TextStream
 
@@ -105,11 +106,18 @@ class Generator:
     times faster at batch 1 (docs/benchmarks.md). ``compile=True`` instead wraps the model's
     single-token step in ``torch.compile`` (static shapes, the cache is reused between calls of
     the same batch size and length). On CPU it does not pay today: the gather engine reads
-    expert ids on the host, so dynamo recompiles per expert id.
+    expert ids on the host, so dynamo recompiles per expert id. On CUDA the decode step is
+    replayed from a CUDA graph by default (``smoe.graph_step``; ``graph_step=False`` turns it
+    off); ``graph_step=True`` on CPU runs the same protocol without a graph (tests).
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer=None, compile: bool = False, cpu_layout: bool = False
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        compile: bool = False,
+        cpu_layout: bool = False,
+        graph_step: bool | None = None,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -120,10 +128,13 @@ class Generator:
                 f"vocab_size is {self.config.vocab_size}: its ids would not fit the embedding"
             )
         self._decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] = self._forward
+        on_cuda = model.tok_embeddings.weight.device.type == "cuda"
         if compile:
             self._decode_step = torch.compile(self._forward, dynamic=False)
         elif cpu_layout and fast_decode.supports(model) is None:
             self._decode_step = fast_decode.FastDecodeStep(model)
+        elif on_cuda if graph_step is None else graph_step:
+            self._decode_step = GraphedDecodeStep(self._forward, cuda_graph=on_cuda)
         if cpu_layout:
             apply_decode_layout(model)
         self._cache: KVCache | None = None

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    p.add_argument(
+        "--no-cuda-graph", action="store_true", help="on CUDA, launch the decode step's kernels one by one"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +61,11 @@ def _setup(args: argparse.Namespace) -> tuple[Generator, GenerationConfig]:
     )  # validates the sampling values before the (slow) load
     model = load_model(args.model, dtype=args.dtype, device=args.device, dispatch=args.dispatch)
     cpu_layout = model.tok_embeddings.weight.device.type == "cpu"  # faster single-token matmuls there
-    return Generator(model, load_tokenizer(args.model), compile=args.compile, cpu_layout=cpu_layout), cfg
+    graph_step = False if args.no_cuda_graph else None  # None: a CUDA graph on CUDA
+    gen = Generator(
+        model, load_tokenizer(args.model), compile=args.compile, cpu_layout=cpu_layout, graph_step=graph_step
+    )
+    return gen, cfg
 
 
 def _stats(res: Completion, seconds: float) -> str:
