@@ -73,7 +73,9 @@ class GraphedDecodeStep:
         def run() -> None:
             self.logits_BV = self.forward(self.tok_B1, self.pos_B1, cache)
 
-        if not self.cuda_graph or self._eager:
+        if self._eager:  # a capture failed before: plain steps, no warm-up to pay again
+            return
+        if not self.cuda_graph:
             for _ in range(self.warmup):  # the same writes as a capture's warm-up
                 run()
             return
