@@ -68,3 +68,20 @@ def test_cli_accepts_no_cuda_graph(make_hf, capsys):
                "--temperature", "0", "--no-cuda-graph"])  # fmt: skip
     assert rc == 0
     assert "3 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_session.sh runs it)")
+@pytest.mark.parametrize("dispatch", ["auto", "gather", "sorted"])
+def test_cuda_graph_generation_equals_eager_steps(make_hf, dispatch):
+    """On CUDA: the captured step gives the tokens of eager steps. "sorted" reads per-expert
+    counts on the host for float32 (its loop path), so its capture must fail and fall back."""
+    directory, _ = make_hf(sliding_window=4)
+    model = smoe.load_model(directory, device="cuda", dispatch=dispatch)
+    prompts = [[5, 9, 11, 40, 7, 3, 8], [12, 60], [33, 34, 35, 36]]
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.9, seed=3, stop_at_eos=False)
+    want = [c.token_ids for c in Generator(model, graph_step=False).generate(prompts, cfg)]
+    graphed = Generator(model)
+    assert [c.token_ids for c in graphed.generate(prompts, cfg)] == want
+    step = graphed._decode_step
+    assert isinstance(step, GraphedDecodeStep)
+    assert (step._graph is None) == (dispatch == "sorted") == step._eager
