@@ -81,7 +81,7 @@ class GraphedDecodeStep:
             return
         try:
             self._graph = capture(run, self.warmup)
-        except RuntimeError as e:
+        except Exception as e:  # any capture failure: eager steps stay correct
             self._eager = True
             print(
                 f"smoe: CUDA graph capture of the decode step failed, decoding eagerly "
