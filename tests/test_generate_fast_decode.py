@@ -185,3 +185,23 @@ def test_fast_step_with_a_padding_query(make_hf):
         assert torch.equal(caches[0].pos_BS, caches[1].pos_BS)
         for k_ref, k_fast in zip(caches[0].k_BGSd, caches[1].k_BGSd):  # all but the junk slot
             torch.testing.assert_close(k_fast[:, :, :-1], k_ref[:, :, :-1], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_step_in_16_bit_keeps_the_usual_layout(make_hf, dtype):
+    """16-bit weights stay (out, in) row-major (the transposed layout is several times slower
+    for them on CPU); the step still equals the model's own cached forward within the dtype's
+    rounding, on 3 left-padded rows and on 1."""
+    directory, _ = make_hf(sliding_window=4)
+    model = smoe.load_model(directory, dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for lens in (LENS, [7]):
+        ref, got, *_ = _decode_both(model, lens)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.02)
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    ff, attn = model.layers[0].feed_forward, model.layers[0].attention
+    for p in (model.output.weight, attn.wq.weight, attn.wo.weight, ff.w1, ff.w2, ff.gate.weight):
+        assert p.stride(-1) == 1 and p.stride(-2) == p.shape[-1]  # (out, in) rows, as loaded
+    assert ff.w3.data_ptr() == ff.w1.data_ptr() + ff.w1.numel() // ff.w1.shape[0] * ff.w1.element_size()

@@ -6,13 +6,17 @@ outputs, E experts (1 for a dense feed-forward), F expert hidden dim, V vocabula
 
 Two changes, both invisible to the model's own ``forward`` (its parameters become views):
 
-- **Transposed storage.** With MKL on this team's AMD CPUs, one row times a (in, out)
-  contiguous matrix is several times faster than ``F.linear`` with the usual (out, in) row-major
-  weight when out > in (4.5x for the 256 x 32000 output head, 1.8x for an expert's 256 x 1408
-  up projection; docs/benchmarks.md). So those matrices (q/k/v, the up projections, the head,
-  wo and the router) are stored as (in, out) and the parameter is its transposed view. The
-  down projection w2 (704 -> 256 in ``small``) is the other way round: there the usual layout
-  was 1.2-1.45x faster, so it stays as it is.
+- **Transposed storage, float32 only.** With MKL on this team's AMD CPUs, one row times a
+  (in, out) contiguous matrix is several times faster than ``F.linear`` with the usual (out, in)
+  row-major weight when out > in (4.5x for the 256 x 32000 output head, 1.8x for an expert's
+  256 x 1408 up projection; docs/benchmarks.md). So those matrices (q/k/v, the up projections,
+  the head, wo and the router) are stored as (in, out) and the parameter is its transposed view.
+  The down projection w2 (704 -> 256 in ``small``) is the other way round: there the usual
+  layout was 1.2-1.45x faster, so it stays as it is. In bfloat16 and float16 it is the opposite
+  everywhere: on an AVX2 CPU the (in, out) layout made the head's 1-row product 4.9x slower and
+  an expert's up projection 3.8x slower than the usual layout, and decoding the ``small`` preset
+  4.6x slower than in float32 (docs/benchmarks.md). So 16-bit weights keep their (out, in)
+  storage, and the laid-out tensors below are transposed views of it.
 - **Fusion.** wq, wk and wv become column blocks of one (D, Q) matrix, and each expert's w1 and
   w3 column blocks of one (D, 2F) matrix, so attention's input projection is one product and
   each chosen expert's up projection another. Example, D = 2, F = 1, one expert::
@@ -87,11 +91,13 @@ def _point(views: list, module: nn.Module, name: str, view: torch.Tensor) -> Non
     views.append((module, name, view))
 
 
-def _transposed(views: list, module: nn.Module, name: str) -> torch.Tensor:
-    """Store a (..., out, in) parameter as contiguous (..., in, out); return that tensor."""
-    t = getattr(module, name).detach().transpose(-2, -1).contiguous()
-    _point(views, module, name, t.transpose(-2, -1))
-    return t
+def _transposed(views: list, module: nn.Module, name: str, restore: bool) -> torch.Tensor:
+    """The (..., in, out) matrix of a (..., out, in) parameter: stored contiguous that way if
+    ``restore`` (the parameter becomes its transposed view), else a view of the parameter."""
+    p = getattr(module, name).detach()
+    t = p.transpose(-2, -1).contiguous() if restore else p.contiguous()
+    _point(views, module, name, t.transpose(-2, -1) if restore else t)
+    return t if restore else t.transpose(-2, -1)
 
 
 def _kept(views: list, module: nn.Module, name: str = "weight") -> torch.Tensor:
@@ -102,26 +108,30 @@ def _kept(views: list, module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 @torch.no_grad()
-def _layer(block: nn.Module, views: list) -> DecodeLayer:
+def _layer(block: nn.Module, views: list, restore: bool) -> DecodeLayer:
+    """``restore``: store the (in, out) matrices contiguous (float32), else keep (out, in)."""
     a, ff = block.attention, block.feed_forward
     nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
-    wqkv_DQ = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight], dim=0).t().contiguous()
+    wqkv_QD = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight], dim=0)
+    wqkv_DQ = wqkv_QD.t().contiguous() if restore else wqkv_QD.t()
     _point(views, a.wq, "weight", wqkv_DQ[:, :nq].t())
     _point(views, a.wk, "weight", wqkv_DQ[:, nq : nq + nk].t())
     _point(views, a.wv, "weight", wqkv_DQ[:, nq + nk :].t())
-    wo_QD = _transposed(views, a.wo, "weight")
+    wo_QD = _transposed(views, a.wo, "weight", restore)
     if isinstance(ff, MoE):  # (module, name) of w1, w2, w3
         w1, w2, w3 = (ff, "w1"), (ff, "w2"), (ff, "w3")
     else:  # dense SwiGLU: one "expert" that every token takes with weight 1
         w1, w2, w3 = (ff.w1, "weight"), (ff.w2, "weight"), (ff.w3, "weight")
     w1_EFD, w3_EFD = getattr(*w1), getattr(*w3)
     F_ = w1_EFD.shape[-2]
-    w13_EDF2 = torch.cat([w1_EFD, w3_EFD], dim=-2).transpose(-2, -1).contiguous()
+    w13_EDF2 = torch.cat([w1_EFD, w3_EFD], dim=-2).transpose(-2, -1)
+    if restore:
+        w13_EDF2 = w13_EDF2.contiguous()
     _point(views, *w1, w13_EDF2[..., :F_].transpose(-2, -1))
     _point(views, *w3, w13_EDF2[..., F_:].transpose(-2, -1))
     w2_EDF = getattr(*w2).detach().contiguous()  # (out, in): faster for this narrow product
     _point(views, *w2, w2_EDF)
-    gate_DE = _transposed(views, ff.gate, "weight") if isinstance(ff, MoE) else None
+    gate_DE = _transposed(views, ff.gate, "weight", restore) if isinstance(ff, MoE) else None
     if gate_DE is None:
         w13_EDF2, w2_EDF = w13_EDF2.unsqueeze(0), w2_EDF.unsqueeze(0)
     return DecodeLayer(
@@ -146,8 +156,9 @@ def apply_decode_layout(model: nn.Module) -> DecodeWeights:
     if existing is not None and existing.is_current():
         return existing
     views: list[tuple[nn.Module, str, torch.Tensor]] = []
-    layers = [_layer(block, views) for block in model.layers]
-    head_DV = _transposed(views, model.output, "weight")  # tied: the embedding is this view too
+    restore = model.output.weight.dtype == torch.float32  # see "Transposed storage" above
+    layers = [_layer(block, views, restore) for block in model.layers]
+    head_DV = _transposed(views, model.output, "weight", restore)  # tied: the embedding is this too
     weights = DecodeWeights(layers, _kept(views, model.norm), head_DV, views)
     object.__setattr__(model, _ATTR, weights)  # plain attribute, not a submodule or state
     return weights
