@@ -17,6 +17,7 @@ hits them alike.
     python benchmarks/cpu_decode.py                      # batch 1 and 8, 1 thread
     python benchmarks/cpu_decode.py --threads 2 --dispatch auto reference
     python benchmarks/cpu_decode.py --dispatch          # only smoe fast and transformers
+    python benchmarks/cpu_decode.py --dispatch --dtype bf16
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both libraries")
     ap.add_argument(
         "--dispatch", nargs="*", default=["auto"], help="engines for the model-forward rows (none: skip them)"
     )
@@ -77,23 +79,22 @@ def main() -> None:
     cfg = ModelConfig.preset(args.preset)
     tmp = tempfile.TemporaryDirectory()
     smoe.save_model(smoe.build_model(cfg, seed=0), tmp.name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     impls: dict[str, object] = {}
-    impls["smoe fast"] = Generator(smoe.load_model(tmp.name), cpu_layout=True)
+    impls["smoe fast"] = Generator(smoe.load_model(tmp.name, dtype=dtype), cpu_layout=True)
     for engine in args.dispatch:
-        impls[f"smoe ({engine})"] = Generator(smoe.load_model(tmp.name, dispatch=engine))
+        impls[f"smoe ({engine})"] = Generator(smoe.load_model(tmp.name, dtype=dtype, dispatch=engine))
         if args.compile:
             impls[f"smoe ({engine}, compiled)"] = Generator(
-                smoe.load_model(tmp.name, dispatch=engine), compile=True
+                smoe.load_model(tmp.name, dtype=dtype, dispatch=engine), compile=True
             )
     if not args.no_hf:
         import transformers
 
-        impls["transformers"] = transformers.MixtralForCausalLM.from_pretrained(
-            tmp.name, dtype=torch.float32
-        ).eval()
+        impls["transformers"] = transformers.MixtralForCausalLM.from_pretrained(tmp.name, dtype=dtype).eval()
     params = sum(p.numel() for p in next(iter(impls.values())).model.parameters()) / 1e6
     print(
-        f"preset {args.preset}: {params:.1f}M parameters, threads {args.threads}, torch {torch.__version__}, "
+        f"preset {args.preset}: {params:.1f}M parameters, {args.dtype}, threads {args.threads}, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
 
@@ -119,7 +120,7 @@ def main() -> None:
                 f"| {name} | {B} | {statistics.median(v):.0f} | {min(v):.0f}-{max(v):.0f} | {ratio} |"
             )
 
-    print(f"\nDecode, {args.preset} preset, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+    print(f"\nDecode, {args.preset} preset, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"threads {args.threads}, median of {args.repeats}\n")  # fmt: skip
     print("| implementation | batch | decode tok/s (total) | range | vs transformers (paired median) |")
     print("|---|---|---|---|---|")
