@@ -5,6 +5,10 @@ weight layout (smoe.decode_layout) keeps every value."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -205,3 +209,21 @@ def test_fast_step_in_16_bit_keeps_the_usual_layout(make_hf, dtype):
     for p in (model.output.weight, attn.wq.weight, attn.wo.weight, ff.w1, ff.w2, ff.gate.weight):
         assert p.stride(-1) == 1 and p.stride(-2) == p.shape[-1]  # (out, in) rows, as loaded
     assert ff.w3.data_ptr() == ff.w1.data_ptr() + ff.w1.numel() // ff.w1.shape[0] * ff.w1.element_size()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_decode_benchmark_runs(monkeypatch, capsys, dtype):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_decode.py"
+    spec = importlib.util.spec_from_file_location("cpu_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["cpu_decode.py", "--preset", "tiny", "--batch", "1", "2", "--new-tokens", "3", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--dispatch", "--dtype", dtype])
+    mod.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| implementation | batch |") and f"tiny preset, {dtype}" in "\n".join(lines)
+    assert [row.split(" | ")[:2] for row in table[1:]] == [
+        ["| smoe fast", "1"], ["| transformers", "1"], ["| smoe fast", "2"], ["| transformers", "2"]
+    ]  # fmt: skip
