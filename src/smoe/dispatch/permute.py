@@ -45,9 +45,8 @@ def tokens_per_expert(
     exact in any order."""
     ids_A = expert_ids.reshape(-1).long()
     add_A = torch.ones_like(ids_A) if weights is None else weights.reshape(-1).long()
-    return torch.zeros(num_experts + 1, dtype=torch.long, device=ids_A.device).scatter_add_(0, ids_A, add_A)[
-        :num_experts
-    ]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_A.device)  # slot E: dropped
+    return counts.scatter_add_(0, ids_A, add_A)[:num_experts]
 
 
 def sort_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> Permutation:
