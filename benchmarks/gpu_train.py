@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt = build_optimizer(model, tcfg)
     sched = build_scheduler(opt, tcfg)
     stepped = torch.compile(model) if args.compile else model
-    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
+    data_gen = torch.Generator(device).manual_seed(0)  # the same tokens in every run
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device, generator=data_gen)
     batch = Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
 
     def sync():
