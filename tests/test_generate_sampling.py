@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smoe.generate import GenerationConfig
-from smoe.sampling import SamplingConfig, filter_logits, make_generators, sample
+from smoe.sampling import SamplingConfig, argmax_rows, filter_logits, make_generators, sample
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,21 @@ def test_bad_values_raise(bad, match):
 def test_sampling_without_generators_raises():
     with pytest.raises(ValueError, match="generator per row"):
         sample(torch.zeros(2, 5), SamplingConfig(temperature=1.0))
+
+
+def _argmax_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1024, generator=g)
+    x[1] = 0.5  # a constant row: the first index wins
+    x[2, [700, 3, 300]] = 9.0  # ties in different blocks
+    x[3, 900], x[3, 5] = float("nan"), 100.0  # NaN beats everything, as in torch.argmax
+    x[4] = float("-inf")
+    x[5, [260, 600]] = float("nan")  # two NaNs: the first
+    wide = torch.randn(3, 2, 512, generator=g)[:, 1]  # rows with a stride of 1024
+    return [x, wide, torch.randn(4, 1000, generator=g), torch.randn(1, 512, generator=g), x.half()]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_argmax_rows_equals_argmax(i):
+    x = _argmax_cases()[i]
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

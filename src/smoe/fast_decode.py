@@ -86,7 +86,7 @@ class FastDecodeStep:
         self.eps = cfg.norm_eps
         self.window = cfg.sliding_window
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._head_packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._head_packed: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._views: tuple[KVCache, list] | None = None
 
     def refresh(self) -> None:
@@ -175,10 +175,16 @@ class FastDecodeStep:
     def _head(self, x_BD: torch.Tensor) -> torch.Tensor:
         B = x_BD.shape[0]
         if B >= ONEDNN_HEAD_MIN_ROWS and x_BD.dtype == torch.float32 and _onednn_linear_available():
-            if self._head_packed is None or self._head_packed[0] is not self.w.head_DV:
-                packed = torch.ops.mkldnn._reorder_linear_weight(self.w.head_DV.t().contiguous(), B)
-                self._head_packed = (self.w.head_DV, packed)
-            return torch.ops.mkldnn._linear_pointwise(x_BD, self._head_packed[1], None, "none", [], "")
+            head_DV = self.w.head_DV
+            # The copy is stale once the head changes, in place too (``load_state_dict``, an
+            # optimizer step): those bump the parameter's version counter (its storage,
+            # ``head_DV``, has a counter of its own that they do not touch).
+            version = self.model.output.weight._version
+            cached = self._head_packed
+            if cached is None or cached[0] is not head_DV or cached[1] != version:
+                packed = torch.ops.mkldnn._reorder_linear_weight(head_DV.t().contiguous(), B)
+                self._head_packed = (head_DV, version, packed)
+            return torch.ops.mkldnn._linear_pointwise(x_BD, self._head_packed[2], None, "none", [], "")
         return torch.mm(x_BD, self.w.head_DV)
 
     def _route(self, h_BD: torch.Tensor, gate_DE: torch.Tensor | None) -> tuple[list, list]:

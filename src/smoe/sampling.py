@@ -58,6 +58,27 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
+_ARGMAX_BLOCK = 256
+
+
+def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
+    """``x_BV.argmax(dim=-1)``, faster on CPU for several rows.
+
+    torch's CPU argmax walks a row in scalar code: ~75 us per 32000 logits here, 0.6 ms of a
+    16 ms batch-8 decode step. The block maxima (``amax``, vectorised) find the block that holds
+    the first maximum, and a short argmax inside that block finds it. The result is the same,
+    including ties and NaN (first occurrence in both). One row gains nothing (the extra calls
+    cost what they save), and other devices keep the plain call.
+    """
+    B, V = x_BV.shape
+    if x_BV.device.type != "cpu" or B < 2 or V % _ARGMAX_BLOCK or x_BV.stride(-1) != 1:
+        return x_BV.argmax(dim=-1)
+    x_BNb = x_BV.view(B, V // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    block_B = x_BNb.amax(dim=-1).argmax(dim=-1)
+    inside_B = x_BNb[torch.arange(B, device=x_BV.device), block_B].argmax(dim=-1)
+    return block_B * _ARGMAX_BLOCK + inside_B
+
+
 def make_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
     gens = []
     for s in seeds:
@@ -73,7 +94,7 @@ def sample(
     """Next token ids (B,) from the last-position logits (B, V). Sampling needs one generator
     per row (see ``make_generators``); greedy needs none."""
     if cfg.greedy:
-        return logits_BV.argmax(dim=-1)
+        return argmax_rows(logits_BV)
     if generators is None or len(generators) != logits_BV.shape[0]:
         raise ValueError(f"sampling needs one generator per row ({logits_BV.shape[0]} rows)")
     probs_BV = filter_logits(logits_BV.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
@@ -82,4 +103,4 @@ def sample(
         q_BV[row].exponential_(generator=g)
     # A draw of exactly 0 would turn a filtered-out 0 / 0 into NaN, which argmax prefers.
     q_BV.clamp_(min=torch.finfo(q_BV.dtype).tiny)
-    return (probs_BV / q_BV).argmax(dim=-1)
+    return argmax_rows(probs_BV / q_BV)

@@ -35,7 +35,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = {"fused": True} if cfg.fused_adamw else {"foreach": True}
+    # torch's fused AdamW (2.13, CPU) updates a parameter that is a strided slice of a larger
+    # tensor wrongly: a column block of a fused matrix got steps 3-4x too large. The CPU decode
+    # layout makes q/k/v and each expert's w1/w3 such slices (``smoe.decode_layout``), so a model
+    # that generated before it trains would train wrong. foreach steps them correctly.
+    fused = cfg.fused_adamw and all(p.is_contiguous() for p in decay + no_decay)
+    kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
