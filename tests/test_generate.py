@@ -114,3 +114,16 @@ def test_tokenizer_larger_than_vocab_raises(make_hf):
     directory, _ = make_hf()
     with pytest.raises(ValueError, match="vocab_size is 97"):
         Generator(smoe.load_model(directory), smoe.load_tokenizer())
+
+
+@pytest.mark.parametrize("cpu_layout", [False, True])
+def test_generator_follows_the_model_to_another_dtype(make_hf, cpu_layout):
+    """``model.to(bf16)`` between two generations: the reused Generator must not write into the
+    old float32 cache."""
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    gen = Generator(model, cpu_layout=cpu_layout)
+    cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    _ids(gen, PROMPTS[:2], cfg)
+    model.to(torch.bfloat16)
+    assert _ids(gen, PROMPTS[:2], cfg) == _ids(Generator(model, cpu_layout=cpu_layout), PROMPTS[:2], cfg)

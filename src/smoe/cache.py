@@ -74,6 +74,11 @@ class KVCache:
         p = model.tok_embeddings.weight
         return cls(model.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
+    def matches(self, x: torch.Tensor) -> bool:
+        """Whether this cache holds keys and values of ``x``'s dtype on ``x``'s device."""
+        k = self.k_BGSd[0]
+        return k.dtype == x.dtype and k.device == x.device
+
     def reset(self) -> None:
         """Forget every position (the buffers keep their finite old values, which are masked)."""
         self.pos_BS.fill_(-1)

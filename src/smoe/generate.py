@@ -186,8 +186,10 @@ class Generator:
         return out, dropped
 
     def _get_cache(self, batch_size: int, max_len: int) -> KVCache:
-        c = self._cache
-        if c is not None and c.batch_size == batch_size and c.max_len == max_len:
+        c, w = self._cache, self.model.tok_embeddings.weight
+        # Reuse only a cache the model can still write: ``model.to(dtype or device)`` since the
+        # last generation needs a new one.
+        if c is not None and (c.batch_size, c.max_len) == (batch_size, max_len) and c.matches(w):
             c.reset()
             return c
         self._cache = KVCache.for_model(self.model, batch_size, max_len)
