@@ -20,6 +20,7 @@ Before timing, the graphed decode is checked against eager decode of the same pr
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 import torch
@@ -115,7 +116,10 @@ def bench_generator(model, cfg, B: int, prompt_len: int, steps: int) -> float:
         assert all(len(c.token_ids) == n for c in out)
         return time.perf_counter() - t0
 
-    timed(4)  # capture and warm-up
+    # Warm up with the timed length: the Generator keeps its cache (and the graph captured for
+    # it) only while batch and length stay the same, so a shorter warm-up would leave the
+    # timed run to pay a new cache, eager warm-up steps and a recapture.
+    timed(steps)
     return B * (steps - 1) / max(timed(steps) - timed(1), 1e-9)
 
 
@@ -142,6 +146,10 @@ def bench_prefill(model, cfg, T: int, device, repeats: int = 3) -> tuple[float, 
         2 * T * body + 2 * head + 2 * T * T * cfg.n_heads * cfg.head_dim * cfg.n_layers
     )  # + the head on the last row only (one chunk of T, logits_to_keep=1) + causal QK^T and PV
     return dt, flops / dt / 1e12
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -176,23 +184,27 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
 
     rows = []
-    for B in args.batch:
-        t0 = time.perf_counter()
-        tps, ok, kind = bench_decode(model, cfg, B, args.prompt_len, args.steps, device, graph)
-        print(
-            f"decode batch {B}: {tps:.1f} tok/s, graphed == eager: {ok} ({time.perf_counter() - t0:.1f}s)",
-            flush=True,
-        )
-        rows.append(
-            f"| greedy decode, batch {B} ({kind}, {args.steps} steps) | {tps:.1f} tok/s | {'yes' if ok else 'NO'} |"
-        )
-    for B in args.batch:
-        tps = bench_generator(model, cfg, B, args.prompt_len, min(args.steps, 64))
-        print(f"Generator batch {B}: {tps:.1f} tok/s", flush=True)
-        rows.append(f"| smoe Generator (smoe generate's path), batch {B}, greedy | {tps:.1f} tok/s | - |")
-    dt, tflops = bench_prefill(model, cfg, args.prefill_len, device)
-    print(f"prefill {args.prefill_len}: {dt * 1e3:.1f} ms, {tflops:.1f} TFLOP/s", flush=True)
-    rows.append(f"| prefill {args.prefill_len} tokens ({dt * 1e3:.1f} ms) | {tflops:.1f} TFLOP/s | - |")
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends a run with SIGTERM: keep the rows
+    try:  # the target figures first (greedy loop, prefill), then the Generator's rows
+        for B in args.batch:
+            t0 = time.perf_counter()
+            tps, ok, kind = bench_decode(model, cfg, B, args.prompt_len, args.steps, device, graph)
+            print(
+                f"decode batch {B}: {tps:.1f} tok/s, graphed == eager: {ok} ({time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
+            rows.append(
+                f"| greedy decode, batch {B} ({kind}, {args.steps} steps) | {tps:.1f} tok/s | {'yes' if ok else 'NO'} |"
+            )
+        dt, tflops = bench_prefill(model, cfg, args.prefill_len, device)
+        print(f"prefill {args.prefill_len}: {dt * 1e3:.1f} ms, {tflops:.1f} TFLOP/s", flush=True)
+        rows.append(f"| prefill {args.prefill_len} tokens ({dt * 1e3:.1f} ms) | {tflops:.1f} TFLOP/s | - |")
+        for B in args.batch:
+            tps = bench_generator(model, cfg, B, args.prompt_len, min(args.steps, 64))
+            print(f"Generator batch {B}: {tps:.1f} tok/s", flush=True)
+            rows.append(f"| smoe Generator (smoe generate's path), batch {B}, greedy | {tps:.1f} tok/s | - |")
+    except KeyboardInterrupt:
+        print("stopped early (SIGTERM or Ctrl-C): the table holds the rows measured so far", flush=True)
 
     print(f"\n{name}, {dtype}, dispatch {args.dispatch}, prompt {args.prompt_len}\n")
     print("| measurement | result | graphed tokens == eager |")

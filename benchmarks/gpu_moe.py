@@ -14,6 +14,7 @@ CUDA-event medians after warm-up. Legend: T tokens, D dim, F hidden, E experts, 
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import time
 
@@ -25,14 +26,14 @@ from smoe.model.moe import MoE
 
 
 def build(D: int, F: int, E: int, K: int, device, dtype, seed: int = 0) -> MoE:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)  # on the device: 1.4G values at Mixtral shapes
     cfg = ModelConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, n_layers=1, n_heads=1, n_kv_heads=1)
     with torch.device("meta"):
         moe = MoE(cfg)
     moe.to_empty(device=device)
     with torch.no_grad():
         for p, fan_in in ((moe.gate.weight, D), (moe.w1, D), (moe.w2, F), (moe.w3, D)):
-            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) / fan_in**0.5)
     return moe.to(dtype)
 
 
@@ -104,6 +105,10 @@ def engines_for(device, T: int, K: int, E: int) -> list[str]:
     return names
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU-friendly)")
@@ -126,34 +131,40 @@ def main(argv: list[str] | None = None) -> None:
         for impl in ("grouped_mm", "eager"):
             modules[f"hf {impl}"] = hf_block(moe, impl)
     timer, rows = Timer(device), []
-    for T in tokens:
-        x_BTD = torch.randn(1, T, D, device=device, dtype=dtype)
-        flops = 2 * T * K * 3 * D * F
-        cands = {f"smoe {n}": n for n in engines_for(device, T, K, E)} | {n: None for n in modules}
-        for name, engine in cands.items():
-            if engine is not None:
-                moe.engine = ENGINES[engine]
-            module = moe if engine is not None else modules[name]
-            if name == "hf eager" and T > 8192:
-                continue  # a Python loop with host syncs; minutes at the largest T
-            params = list(module.parameters())
-            for mode, backward, mult in (("fwd", False, 1), ("fwd+bwd", True, 3)):
-                run = step(module, x_BTD, backward, params)
-                try:
-                    run()  # warm-up: compiles triton kernels, grows the allocator
-                    sec = timer(run, args.iters)
-                except Exception as e:  # one failing engine or shape must not lose the others' rows
-                    print(f"T={T} {mode} {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                    rows.append((T, mode, name, float("nan"), float("nan")))
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                rows.append((T, mode, name, sec, mult * flops / sec / 1e12))
-                print(
-                    f"T={T} {mode} {name}: {1e3 * sec:.3f} ms {mult * flops / sec / 1e12:.1f} TFLOP/s",
-                    flush=True,
-                )
-        del x_BTD
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends a run with SIGTERM
+    try:
+        for T in tokens:
+            x_BTD = torch.randn(1, T, D, device=device, dtype=dtype)
+            flops = 2 * T * K * 3 * D * F
+            cands = {f"smoe {n}": n for n in engines_for(device, T, K, E)} | {n: None for n in modules}
+            for name, engine in cands.items():
+                if engine is not None:
+                    moe.engine = ENGINES[engine]
+                module = moe if engine is not None else modules[name]
+                if name == "hf eager" and T > 8192:
+                    continue  # a Python loop with host syncs; minutes at the largest T
+                params = list(module.parameters())
+                for mode, backward, mult in (("fwd", False, 1), ("fwd+bwd", True, 3)):
+                    run = step(module, x_BTD, backward, params)
+                    try:
+                        run()  # warm-up: compiles triton kernels, grows the allocator
+                        sec = timer(run, args.iters)
+                    except Exception as e:  # one failing engine or shape must not lose the others' rows
+                        print(
+                            f"T={T} {mode} {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        )
+                        rows.append((T, mode, name, float("nan"), float("nan")))
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    rows.append((T, mode, name, sec, mult * flops / sec / 1e12))
+                    print(
+                        f"T={T} {mode} {name}: {1e3 * sec:.3f} ms {mult * flops / sec / 1e12:.1f} TFLOP/s",
+                        flush=True,
+                    )
+            del x_BTD
+    except KeyboardInterrupt:
+        print("stopped early (SIGTERM or Ctrl-C): the table holds the rows measured so far", flush=True)
     auto_at = {T: choose_engine(torch.empty(T, D, device=device), torch.empty(T, K), E) for T in tokens}
     print(f"\n{device} D={D} F={F} E={E} K={K} {dtype}, median of {args.iters}; auto runs: {auto_at}\n")
     print("| T | mode | engine | ms | TFLOP/s |")

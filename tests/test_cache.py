@@ -114,3 +114,19 @@ def test_cache_rejects_wrong_batch(make_hf):
     cache = KVCache.for_model(model, 2, 8)
     with pytest.raises(ValueError, match="built for 2"):
         model(_tokens(3, 2), torch.zeros(3, 2, dtype=torch.long), cache)
+
+
+def test_repeated_kv_heads_path_equals_gqa(make_hf, monkeypatch):
+    """The CUDA prefill path that repeats kv heads instead of SDPA's enable_gqa (so a masked
+    prefill avoids the math kernel), forced on the CPU: the same logits."""
+    import smoe.model.layers as layers
+
+    directory, _ = make_hf(sliding_window=5)
+    model = smoe.load_model(directory)
+    assert model.config.n_heads != model.config.n_kv_heads
+    tokens = _tokens(2, SEQ)
+    chunks = CASES["window-chunk-longer"][1]
+    want, _ = _incremental(model, tokens, chunks, max_len=SEQ + 4)
+    monkeypatch.setattr(layers, "masked_gqa_falls_to_math", lambda q, mask: mask is not None)
+    got, _ = _incremental(model, tokens, chunks, max_len=SEQ + 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -35,7 +35,8 @@ def run_with_grads(engine, x_TD, ids_TK, weights_TK, w1, w2, w3, seed=1, views=N
         x, wts, a, b, c = views(*leaves) if views is not None else leaves
         y_TD = engine(x, ids_TK, wts, a, b, c)
         assert y_TD.shape == x_TD.shape and y_TD.dtype == x_TD.dtype, (y_TD.shape, y_TD.dtype)
-        g_TD = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(seed)).to(y_TD.dtype)
+        g_TD = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(seed))
+        g_TD = g_TD.to(device=y_TD.device, dtype=y_TD.dtype)  # drawn on the CPU: the same g everywhere
         if y_TD.requires_grad:
             grads = torch.autograd.grad((y_TD * g_TD).sum(), leaves, allow_unused=True)
         else:

@@ -42,6 +42,17 @@ def test_greedy_loop_equals_generator(make_hf, window):
         loop.run(1)
 
 
+def test_greedy_loop_shorter_than_the_capture_warmup(make_hf):
+    """max_steps below the capture's warm-up count: the buffer still has room for the warm-up's
+    writes (out of bounds on CUDA before), and run() returns max_steps columns."""
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    loop = GreedyDecodeLoop(model, KVCache.for_model(model, 2, 12), max_steps=1)
+    assert loop.out_BN.shape[1] >= 3
+    loop.start(torch.tensor([5, 9]), torch.zeros(2, dtype=torch.long))
+    assert loop.run(1).shape == (2, 1)
+
+
 def test_cuda_graph_needs_cuda(make_hf):
     directory, _ = make_hf()
     model = smoe.load_model(directory)
@@ -71,6 +82,47 @@ def test_gpu_benchmark_runs_tiny_on_cpu(monkeypatch, capsys):
     mod.main()
     out = capsys.readouterr().out.strip().splitlines()
     table = out[out.index("| measurement | result | graphed tokens == eager |") :]
-    assert len(table) == 7 and "| yes |" in table[2] and "| yes |" in table[3] and "prefill 32" in table[6]
-    assert table[4].startswith("| smoe Generator (smoe generate's path), batch 1, greedy |")
-    assert table[5].startswith("| smoe Generator (smoe generate's path), batch 3, greedy |")
+    assert len(table) == 7 and "| yes |" in table[2] and "| yes |" in table[3] and "prefill 32" in table[4]
+    assert table[5].startswith("| smoe Generator (smoe generate's path), batch 1, greedy |")
+    assert table[6].startswith("| smoe Generator (smoe generate's path), batch 3, greedy |")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_prints_its_rows_when_stopped(monkeypatch, capsys):
+    """`timeout` stops a script with SIGTERM; the table of the rows measured so far must still
+    come out (benchmarks/gpu_session.sh collects it)."""
+    import signal
+
+    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "benchmarks" / "gpu_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = mod.bench_prefill
+
+    def prefill_cut_short(*args, **kwargs):
+        real(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(mod, "bench_prefill", prefill_cut_short)
+    argv = [
+        "gpu_decode.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--prompt-len",
+        "8",
+        "--prefill-len",
+        "16",
+    ]
+    monkeypatch.setattr(sys, "argv", argv + ["--batch", "1"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        mod.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    out = capsys.readouterr().out
+    assert "stopped early" in out
+    table = out.strip().splitlines()
+    table = table[table.index("| measurement | result | graphed tokens == eager |") :]
+    assert len(table) == 3 and "greedy decode, batch 1" in table[2]  # the prefill was cut short

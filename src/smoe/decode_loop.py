@@ -23,6 +23,8 @@ import torch
 from smoe.cache import KVCache
 from smoe.graph_step import capture
 
+CAPTURE_WARMUP = 3
+
 
 class GreedyDecodeLoop:
     """Create (and on CUDA capture) before the prefill: capturing runs warm-up steps that
@@ -36,7 +38,8 @@ class GreedyDecodeLoop:
         B = cache.batch_size
         self.tok_B1 = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        self.out_BN = torch.zeros(B, max_steps, dtype=torch.long, device=self.device)
+        # The capture's warm-up steps write columns 0..CAPTURE_WARMUP-1 too: at least that many.
+        self.out_BN = torch.zeros(B, max(max_steps, CAPTURE_WARMUP), dtype=torch.long, device=self.device)
         self.step_1 = torch.zeros(1, dtype=torch.long, device=self.device)
         self.max_steps = max_steps
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -57,7 +60,7 @@ class GreedyDecodeLoop:
 
     def _capture(self) -> None:
         """Capture one step, before any prefill, then forget what its warm-up wrote."""
-        self._graph = capture(self._step)
+        self._graph = capture(self._step, warmup=CAPTURE_WARMUP)
         self.cache.reset()
 
     def start(self, first_tok_B: torch.Tensor, next_pos_B: torch.Tensor) -> None:
@@ -80,4 +83,4 @@ class GreedyDecodeLoop:
                 self._graph.replay()
             else:
                 self._step()
-        return self.out_BN
+        return self.out_BN[:, : self.max_steps]

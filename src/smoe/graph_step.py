@@ -36,8 +36,15 @@ def capture(fn: Callable[[], None], warmup: int = 3) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    before = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except BaseException:
+        # A failed capture raises from the graph's exit before it switches back from its side
+        # stream; without this, everything after (the eager fallback too) ran on that stream.
+        torch.cuda.set_stream(before)
+        raise
     return graph
 
 

@@ -82,6 +82,15 @@ class KVCache(Protocol):
         ...
 
 
+def masked_gqa_falls_to_math(q_BHTd: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether SDPA would run a masked grouped-query attention of several queries in its math
+    kernel. On CUDA the flash kernel takes no mask and the memory-efficient one no
+    ``enable_gqa``, so a prefill into the cache (which has a mask) would materialise the
+    (B, H, T, S) scores; with the kv heads repeated the memory-efficient kernel runs instead.
+    One query (decode) costs the math kernel little, and repeating would copy the whole cache."""
+    return mask is not None and q_BHTd.shape[2] > 1 and q_BHTd.device.type == "cuda"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -110,6 +119,10 @@ class Attention(nn.Module):
         if cache is not None:
             k_BGTd, v_BGTd = cache.update(self.layer_id, pos_BT, k_BGTd, v_BGTd)
         gqa = self.n_heads != self.n_kv_heads
+        if gqa and masked_gqa_falls_to_math(q_BHTd, mask):
+            rep = self.n_heads // self.n_kv_heads  # query head h reads kv head h // rep
+            k_BGTd, v_BGTd = k_BGTd.repeat_interleave(rep, dim=1), v_BGTd.repeat_interleave(rep, dim=1)
+            gqa = False
         out_BHTd = F.scaled_dot_product_attention(
             q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
         )
