@@ -88,3 +88,39 @@ def test_hf_config_errors():
     with pytest.raises(ConfigError, match="missing required field 'num_local_experts'"):
         ModelConfig.from_hf({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 2,
                              "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 10})  # fmt: skip
+
+
+def _mistral(**changes) -> dict:
+    base = {"model_type": "mistral", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+            "intermediate_size": 8, "vocab_size": 10}  # fmt: skip
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [{"type": "yarn", "factor": 16.0}, {"rope_type": "linear", "factor": 2.0}],
+    ids=["v4-type", "rope_type"],
+)
+def test_legacy_rope_scaling_is_refused(scaling):
+    """A transformers-v4 config (e.g. a YaRN Mistral) says rope_scaling; it must not load as
+    plain RoPE."""
+    with pytest.raises(
+        ConfigError, match=f"rope_scaling of type '{scaling.get('type', scaling.get('rope_type'))}'"
+    ):
+        ModelConfig.from_hf(_mistral(rope_scaling=scaling))
+    assert ModelConfig.from_hf(_mistral(rope_scaling=None)).n_layers == 1
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"num_hidden_layers": None}, "num_hidden_layers must be a whole number, got None"),
+        ({"num_hidden_layers": 2.7}, "num_hidden_layers must be a whole number, got 2.7"),
+        ({"vocab_size": "10"}, "vocab_size must be a whole number, got '10'"),
+        ({"rms_norm_eps": None}, "a field has the wrong type"),
+    ],
+)
+def test_hf_config_types(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(_mistral(**changes))
+    assert ModelConfig.from_hf(_mistral(num_hidden_layers=2.0, head_dim=None)).n_layers == 2

@@ -94,3 +94,12 @@ def _argmax_cases() -> list[torch.Tensor]:
 def test_argmax_rows_equals_argmax(i):
     x = _argmax_cases()[i]
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 0.9)])
+def test_tiny_temperature_is_greedy(top_k, top_p):
+    """logits / 1e-45 overflowed to inf and the softmax to NaN (every draw then token 0)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 5
+    cfg = SamplingConfig(temperature=1e-45, top_k=top_k, top_p=top_p)
+    got = sample(logits, cfg, make_generators(range(4), "cpu"))
+    assert torch.equal(got, logits.argmax(dim=-1))

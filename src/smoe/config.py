@@ -123,36 +123,53 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in ("mixtral", "mistral"):
             raise ConfigError(f"{source}: model_type must be 'mixtral' or 'mistral', got {model_type!r}")
+
+        def whole(key: str, default: int | None = None) -> int:
+            """hf[key] as an int; a null or absent optional field takes ``default``. 2.7 or
+            "32" fail rather than turn into 2 or a string."""
+            v = hf[key] if default is None else hf.get(key)
+            if v is None and default is not None:
+                return default
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+                raise ConfigError(f"{source}: {key} must be a whole number, got {v!r}")
+            return int(v)
+
         try:
-            dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            dim, n_heads = whole("hidden_size"), whole("num_attention_heads")
             rope = hf.get("rope_parameters") or {}
             rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
-            if rope.get("rope_type", "default") != "default":
-                raise ConfigError(
-                    f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')"
-                )
+            # transformers 5 writes rope_parameters; v4 configs (e.g. YaRN Mistrals) say
+            # rope_scaling, with "type" or "rope_type". Any scaling changes every position's
+            # rotation, so loading it as plain RoPE would give a different model.
+            legacy = hf.get("rope_scaling") or {}
+            for field, params in (("rope_parameters", rope), ("rope_scaling", legacy)):
+                kind = params.get("rope_type", params.get("type", "default"))
+                if kind != "default":
+                    raise ConfigError(f"{source}: {field} of type {kind!r} is not supported (only 'default')")
             act = hf.get("hidden_act", "silu")
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act must be 'silu', got {act!r}")
             moe = model_type == "mixtral"
             return cls(
                 dim=dim,
-                n_layers=int(hf["num_hidden_layers"]),
-                head_dim=int(hf.get("head_dim") or dim // n_heads),
-                hidden_dim=int(hf["intermediate_size"]),
+                n_layers=whole("num_hidden_layers"),
+                head_dim=whole("head_dim", dim // n_heads),
+                hidden_dim=whole("intermediate_size"),
                 n_heads=n_heads,
-                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                vocab_size=int(hf["vocab_size"]),
+                n_kv_heads=whole("num_key_value_heads", n_heads),
+                vocab_size=whole("vocab_size"),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope_theta),
                 sliding_window=hf.get("sliding_window"),
-                max_seq_len=int(hf.get("max_position_embeddings", 32768)),
-                num_experts=int(hf["num_local_experts"]) if moe else 1,
-                top_k=int(hf["num_experts_per_tok"]) if moe else 1,
+                max_seq_len=whole("max_position_embeddings", 32768),
+                num_experts=whole("num_local_experts") if moe else 1,
+                top_k=whole("num_experts_per_tok") if moe else 1,
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:  # e.g. "rms_norm_eps": null
+            raise ConfigError(f"{source}: a field has the wrong type ({e})") from None
 
     def to_hf(self) -> dict[str, Any]:
         hf: dict[str, Any] = {

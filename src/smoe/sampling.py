@@ -97,7 +97,11 @@ def sample(
         return argmax_rows(logits_BV)
     if generators is None or len(generators) != logits_BV.shape[0]:
         raise ValueError(f"sampling needs one generator per row ({logits_BV.shape[0]} rows)")
-    probs_BV = filter_logits(logits_BV.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    # Shift each row's maximum to 0 before dividing: a tiny temperature then sends the others
+    # to -inf instead of overflowing the maximum to inf (inf - inf in the softmax is NaN).
+    logits_BV = logits_BV.float()
+    logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / cfg.temperature
+    probs_BV = filter_logits(logits_BV, cfg.top_k, cfg.top_p).softmax(-1)
     q_BV = torch.empty_like(probs_BV)
     for row, g in enumerate(generators):
         q_BV[row].exponential_(generator=g)

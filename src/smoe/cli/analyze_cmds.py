@@ -8,6 +8,7 @@ import glob
 from collections.abc import Iterator
 from pathlib import Path
 
+from smoe.cli.types import device
 from smoe.data.shards import Corpus
 
 GLOB_CHARS = set("*?[")
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer file (default: the checkpoint's, else Mixtral's)"
     )

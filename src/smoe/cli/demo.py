@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smoe.cli.types import device
+
 PROMPTS = ["def fibonacci(n):", "Question: What is 17 + 25?\nAnswer:", "And God said", "The command"]
 
 
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (about half a minute)")
     p.add_argument("--steps", type=int, help=f"training steps (default {FULL.steps}; quick {QUICK.steps})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype for training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from smoe.checkpoint import load_model
+from smoe.cli.types import device
 from smoe.generate import Completion, GenerationConfig, Generator
 from smoe.tokenizer import load_tokenizer
 
@@ -17,7 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="checkpoint directory (smoe, Hugging Face or Mistral format)"
     )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument(
         "--dispatch", default=None, help="MoE dispatch engine (default: the config's, usually auto)"
     )
