@@ -9,7 +9,8 @@ Model FLOPs per token (PaLM appendix B convention, no recomputation counted):
     6 * active matmul parameters (attention projections, top_k experts, router, output head;
     the embedding lookup is not a matmul) + attention scores and values: 6 * n_layers * T *
     n_heads * head_dim (12 * ... halved for the causal mask).
-MFU = achieved model FLOP/s / peak (``--peak-tflops``, default 774 as set for this benchmark).
+MFU = achieved model FLOP/s / peak (``--peak-tflops``, default 774: the bf16 dense matmul peak measured on
+the H200 for these issues; the spec sheet says 989 dense, so MFU against the spec is 0.78x this).
 Prints a markdown table last.
 """
 

@@ -65,12 +65,26 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file (bad entry for {key!r})"
             ) from None
-        if end - begin != numel * dtype.itemsize or data_start + end > size:
+        if begin < 0 or end - begin != numel * dtype.itemsize or data_start + end > size:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file (tensor {key!r} needs bytes up to "
                 f"{data_start + end}, file has {size}; truncated?)"
             )
+    _check_disjoint(path, table)
     return table, data_start
+
+
+def _check_disjoint(path: Path, table: dict[str, dict]) -> None:
+    # The format forbids tensors sharing bytes (the safetensors library refuses such files);
+    # reading them anyway would give two parameters the same or partly the same values.
+    spans = sorted((*info["data_offsets"], key) for key, info in table.items())
+    spans = [s for s in spans if s[1] > s[0]]  # empty tensors occupy no bytes
+    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (tensors {prev_key!r} and {key!r} "
+                f"overlap; each tensor must have bytes of its own)"
+            )
 
 
 class TensorSource:
@@ -143,8 +157,16 @@ class TensorSource:
 
 def hf_weight_files(directory: Path) -> list[Path]:
     """``model.safetensors``, or the shards listed in ``model.safetensors.index.json``
-    (likewise for ``pytorch_model.bin``)."""
+    (likewise for ``pytorch_model.bin``).
+
+    The single file comes before the index, and safetensors before pickles, in the order
+    transformers uses (``_get_resolved_checkpoint_files`` in transformers/modeling_utils.py,
+    v5.24: SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME), so
+    that both libraries load the same weights from a directory that holds more than one."""
     for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
+        single = directory / f"{stem}.{ext}"
+        if single.exists():
+            return [single]
         index = directory / f"{stem}.{ext}.index.json"
         if index.exists():
             try:
@@ -152,9 +174,6 @@ def hf_weight_files(directory: Path) -> list[Path]:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: malformed shard index ({e!r})") from None
             return [directory / name for name in sorted(set(weight_map.values()))]
-        single = directory / f"{stem}.{ext}"
-        if single.exists():
-            return [single]
     raise CheckpointError(
         f"{directory}: no weights found (expected model.safetensors, or model.safetensors.index.json with shards)"
     )

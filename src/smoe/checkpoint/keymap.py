@@ -22,6 +22,9 @@ import torch
 
 from smoe.config import ModelConfig
 
+# The output projection's key in each layout; with tied embeddings it has no recipe of its own.
+HEAD_KEYS = {"hf": "lm_head.weight", "consolidated": "output.weight"}
+
 
 @dataclass
 class Recipe:
@@ -65,7 +68,7 @@ def hf_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
         "norm.weight": _one("model.norm.weight"),
     }
     if not cfg.tie_embeddings:
-        r["output.weight"] = _one("lm_head.weight")
+        r["output.weight"] = _one(HEAD_KEYS["hf"])
     for i in range(cfg.n_layers):
         hf, us = f"model.layers.{i}", f"layers.{i}"
         r[f"{us}.attention_norm.weight"] = _one(f"{hf}.input_layernorm.weight")
@@ -91,7 +94,7 @@ def consolidated_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
         "norm.weight": _one("norm.weight"),
     }
     if not cfg.tie_embeddings:
-        r["output.weight"] = _one("output.weight")
+        r["output.weight"] = _one(HEAD_KEYS["consolidated"])
     for i in range(cfg.n_layers):
         p = f"layers.{i}"
         r[f"{p}.attention_norm.weight"] = _one(f"{p}.attention_norm.weight")

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from smoe.checkpoint.files import CheckpointError, TensorSource, consolidated_weight_files, hf_weight_files
-from smoe.checkpoint.keymap import IGNORED_SUFFIXES, Recipe, consolidated_recipes, hf_recipes
+from smoe.checkpoint.keymap import HEAD_KEYS, IGNORED_SUFFIXES, Recipe, consolidated_recipes, hf_recipes
+from smoe.checkpoint.layout import check_no_other_layout, remove_stale
 from smoe.config import ConfigError, ModelConfig
 from smoe.model.transformer import Transformer
 
@@ -50,8 +51,15 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def _materialise(
-    src: TensorSource, recipes: dict[str, Recipe], model: Transformer, dtype: torch.dtype, device: str
+    src: TensorSource,
+    recipes: dict[str, Recipe],
+    model: Transformer,
+    dtype: torch.dtype,
+    device: str,
+    tied_head: str | None = None,
 ) -> dict[str, torch.Tensor]:
+    """``tied_head``: the output-projection key of this layout when the config ties it to the
+    embedding; the file may still hold it, and then it must equal the embedding."""
     expected = dict(model.state_dict(keep_vars=True).items())
     missing = [k for r in recipes.values() for k in r.keys if k not in src.keys()]
     if missing:
@@ -60,6 +68,9 @@ def _materialise(
             f"(config says {model.config.n_layers} layers, {model.config.num_experts} experts)"
         )
     used = {k for r in recipes.values() for k in r.keys}
+    if tied_head in src.keys():
+        _check_tied_head(src, tied_head, recipes["tok_embeddings.weight"].keys[0])
+        used.add(tied_head)
     unexpected = sorted(k for k in src.keys() - used if not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise CheckpointError(
@@ -72,6 +83,13 @@ def _materialise(
         want = tuple(expected[name].shape)
         per_key = want[1:] if len(recipe.keys) > 1 else want
         for k in recipe.keys:
+            if not src.dtype(k).is_floating_point:
+                # Every parameter is floating point; converting integer bytes would load
+                # numbers that were never weights.
+                raise CheckpointError(
+                    f"{src.file_of(k)}: tensor {k!r} is stored as {src.dtype(k)}, expected a "
+                    "floating-point dtype (float32, bfloat16, float16)"
+                )
             if src.shape(k) != per_key:
                 raise CheckpointError(
                     f"{src.file_of(k)}: tensor {k!r} has shape {src.shape(k)} but the config implies {per_key}"
@@ -87,6 +105,19 @@ def _materialise(
         out[name] = recipe.to_smoe(parts).contiguous()
         del parts
     return out
+
+
+def _check_tied_head(src: TensorSource, head: str, embed: str) -> None:
+    # Some hub checkpoints with tied embeddings also store the output projection. smoe ties it
+    # to the embedding, so it may be dropped only when it is the embedding; otherwise the
+    # loaded model would silently differ from what the file says.
+    a, b = src.get(head), src.get(embed)
+    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+        raise CheckpointError(
+            f"{src.file_of(head)}: the config ties the output projection to the embedding, but "
+            f"{head!r} differs from {embed!r}; untie the embeddings in the config to load it"
+        )
+    del a, b
 
 
 def load_model(
@@ -111,11 +142,12 @@ def load_model(
         files, recipes = hf_weight_files(directory), hf_recipes(cfg)
     else:
         files, recipes = consolidated_weight_files(directory), consolidated_recipes(cfg)
+    tied_head = HEAD_KEYS[fmt] if cfg.tie_embeddings else None
     target = parse_dtype(dtype) or _checkpoint_dtype(directory, fmt)
     src = TensorSource(files)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = _materialise(src, recipes, model, target, str(device))
+    state = _materialise(src, recipes, model, target, str(device), tied_head)
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -137,10 +169,16 @@ def save_model(
 ) -> Path:
     """Write a Hugging Face directory (``fmt="hf"``, loadable by transformers) or a Mistral
     consolidated one (``fmt="consolidated"``). HF checkpoints larger than ``max_shard_bytes``
-    are sharded with an index, as the hub does."""
+    are sharded with an index, as the hub does.
+
+    Saving into a directory replaces the checkpoint of the same layout there completely (its
+    weight files that this save does not write are removed); a directory holding the other
+    layout is refused with a ``CheckpointError`` and left as it was."""
     if fmt not in ("hf", "consolidated"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
     cfg, directory = model.config, Path(path)
+    if directory.is_dir():
+        check_no_other_layout(directory, fmt)
     directory.mkdir(parents=True, exist_ok=True)
     recipes = hf_recipes(cfg) if fmt == "hf" else consolidated_recipes(cfg)
     state = model.state_dict()
@@ -151,7 +189,8 @@ def save_model(
     dtype = next(iter(tensors.values())).dtype
     if fmt == "consolidated":
         _write_json(directory / "params.json", cfg.to_params())
-        save_file(tensors, str(directory / "consolidated.safetensors"))
+        _write_safetensors(tensors, directory / "consolidated.safetensors")
+        remove_stale(directory, fmt, {"consolidated.safetensors"})
         return directory
     hf = cfg.to_hf()
     hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
@@ -159,12 +198,13 @@ def save_model(
     _write_json(directory / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        _write_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        remove_stale(directory, fmt, {"model.safetensors"})
         return directory
     weight_map, total = {}, 0
     for i, shard in enumerate(tqdm(shards, desc="saving shards", leave=False)):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        _write_safetensors(shard, directory / name, metadata={"format": "pt"})
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
@@ -172,6 +212,7 @@ def save_model(
         directory / "model.safetensors.index.json",
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
+    remove_stale(directory, fmt, {"model.safetensors.index.json", *weight_map.values()})
     return directory
 
 
@@ -186,6 +227,14 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
         shards[-1][k] = t
         size += n
     return shards
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    # Write beside, then rename: a crash mid-write never leaves a truncated file under the
+    # real name, where it would replace the previous good checkpoint.
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict) -> None:
