@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import struct
 
 import pytest
 import torch
@@ -126,3 +127,72 @@ def test_pickle_with_code_is_refused(hf_dir, tmp_path):
         CheckpointError, match=r"pytorch_model\.bin: cannot be read with torch\.load\(weights_only=True\)"
     ):
         smoe.load_model(out)
+
+
+def test_integer_dtype_for_float_parameter(hf_dir):
+    # Same bytes, declared as I32: loading would turn float bits into large integers.
+    _rewrite(
+        hf_dir, lambda sd: sd.__setitem__("model.norm.weight", sd["model.norm.weight"].view(torch.int32))
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' is stored as torch\.int32"
+    ):
+        smoe.load_model(hf_dir)
+
+
+def _edit_header(path, fn):
+    """Rewrite a safetensors header in place, keeping the data bytes as they are."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    fn(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+
+def test_overlapping_tensors(hf_dir):
+    # Two norms of the same shape pointing at the same bytes (the other bytes become unused).
+    def alias(h):
+        h["model.layers.0.input_layernorm.weight"]["data_offsets"] = list(
+            h["model.layers.0.post_attention_layernorm.weight"]["data_offsets"]
+        )
+
+    _edit_header(hf_dir / "model.safetensors", alias)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: not a readable safetensors file \(tensors .*layers\.0\..*layernorm.* overlap",
+    ):
+        smoe.load_model(hf_dir)
+
+
+def test_tied_embeddings_with_equal_head_in_file(make_hf):
+    directory, ref = make_hf(tie_word_embeddings=True)
+    _rewrite(directory, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    model = smoe.load_model(directory)
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = torch.arange(12)[None] % 97
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_with_different_head_in_file(make_hf):
+    directory, _ = make_hf(tie_word_embeddings=True)
+    _rewrite(directory, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"] + 1))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: the config ties .*'lm_head\.weight' differs from 'model\.embed_tokens\.weight'",
+    ):
+        smoe.load_model(directory)
+
+
+def test_tied_embeddings_consolidated_head(tmp_path):
+    cfg = smoe.ModelConfig.preset("tiny", n_layers=1, tie_embeddings=True)
+    model = smoe.build_model(cfg, seed=0)
+    smoe.save_model(model, tmp_path, fmt="consolidated")
+    path = tmp_path / "consolidated.safetensors"
+    sd = load_file(path)
+    save_file(sd | {"output.weight": sd["tok_embeddings.weight"].clone()}, path)
+    assert torch.equal(smoe.load_model(tmp_path).output.weight, model.tok_embeddings.weight)
+    save_file(sd | {"output.weight": sd["tok_embeddings.weight"].flip(0)}, path)
+    with pytest.raises(CheckpointError, match=r"'output\.weight' differs from 'tok_embeddings\.weight'"):
+        smoe.load_model(tmp_path)

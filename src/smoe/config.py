@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """An impossible or malformed model configuration."""
 
 
+# ModelConfig fields that change neither the weights nor their shapes; checkpoint formats do
+# not store them, so a loaded model has their defaults.
+RUNTIME_FIELDS = ("dispatch", "capacity_factor", "router_jitter")
+
+
 @dataclass
 class ModelConfig:
     dim: int = 4096
@@ -36,7 +41,7 @@ class ModelConfig:
     num_experts: int = 8
     top_k: int = 2
     tie_embeddings: bool = False
-    # Runtime choices that do not change the weights.
+    # Runtime choices that do not change the weights (RUNTIME_FIELDS; checkpoints do not store them).
     dispatch: str = "auto"
     capacity_factor: float | None = None  # None = dropless
     router_jitter: float = 0.0  # multiplicative noise on the router input while training

@@ -78,10 +78,17 @@ def _configs(args: argparse.Namespace):
     from smoe.train.config import TrainConfig, load_run_file
 
     if args.resume:
-        given = any(getattr(args, f[2:].replace("-", "_")) is not None for f in _OVERRIDES)
-        if args.preset or args.config or given or args.aux_loss_per_layer:
+        # --dispatch is refused too: the engines agree only to float32 round-off, and a resumed
+        # run promises the very losses (bit for bit) the uninterrupted run would have logged;
+        # like --device, the engine is part of that run's config.
+        given = [f for f in _OVERRIDES if getattr(args, f[2:].replace("-", "_")) is not None]
+        given += [f"--{f}" for f in ("preset", "config", "dispatch") if getattr(args, f)]
+        given += ["--aux-loss-per-layer"] if args.aux_loss_per_layer else []
+        if given:
             raise ValueError(
-                "--resume continues the run exactly as configured in RUN_DIR/config.json; drop other flags"
+                f"--resume continues the run exactly as configured in {args.out}/config.json "
+                f"(the same losses, bit for bit); drop {', '.join(given)}, or start a new run "
+                "from its weights (smoe export, then --init)"
             )
         return None, None
     if args.config:
@@ -95,15 +102,11 @@ def _configs(args: argparse.Namespace):
     train_cfg = dataclasses.replace(train_cfg, **changes)
     if args.dispatch:
         model_cfg = model_cfg.replace(dispatch=args.dispatch)
-    if train_cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(
-            f"--seq-len {train_cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
-        )
     return model_cfg, train_cfg
 
 
 def _train(args: argparse.Namespace) -> int:
-    from smoe.checkpoint import load_model
+    from smoe.train.init import load_init_model
     from smoe.train.loop import train
     from smoe.train.step import NonFiniteLossError
 
@@ -114,12 +117,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.init:
         if args.preset or args.resume:
             raise ValueError("--init takes the model config from the checkpoint; drop --preset/--resume")
-        init = load_model(args.init, dtype="float32", dispatch=args.dispatch)
-        if args.config and model_cfg.replace(dispatch=init.config.dispatch) != init.config:
-            raise ValueError(
-                f"--init {args.init}: its model config differs from the model section of {args.config}"
-            )
+        # With --config its runtime fields (dispatch, jitter, capacity) apply: checkpoints lack them.
+        run_cfg = model_cfg if args.config else None
+        init = load_init_model(args.init, run_cfg, args.config, dispatch=args.dispatch)
         model_cfg = init.config
+    # Checked against the model the run trains (with --init, the checkpoint's, not the preset's).
+    if model_cfg is not None and train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"--seq-len {train_cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+        )
     try:
         summary = train(
             args.out, model_cfg, train_cfg, args.data, resume=args.resume, init_model=init,
@@ -129,6 +135,8 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"smoe train: {e}", file=sys.stderr)
         return 3
+    if summary.get("already_complete"):  # nothing was trained; train() said where the results are
+        return 0
     if summary["stopped"]:
         name = summary["stopped"]
         return 128 + getattr(signal, name).value if name in ("SIGINT", "SIGTERM") else 0

@@ -164,7 +164,9 @@ def train(
     ``init_model`` starts from given weights (e.g. an upcycled checkpoint) instead of a fresh
     init. ``stop_after=N`` saves a checkpoint and stops after step N, as SIGINT/SIGTERM do.
     ``parallel`` is the layout (dp, ep, ddp/fsdp) used when launched by torchrun with more
-    than one process; without torchrun it must be the 1 x 1 default.
+    than one process; without torchrun it must be the 1 x 1 default. Resuming a run that
+    already reached its last step changes nothing and returns its summary, marked
+    ``already_complete``.
     """
     world = _distributed_world(parallel)
     try:
@@ -188,7 +190,10 @@ def _train(
         if path is None:
             raise FileNotFoundError(f"{ckpt.checkpoint_dir(run_dir)}: no checkpoint to resume from")
         saved = ckpt.load_checkpoint(path)
+        # Refuse another layout first: "already complete" must not hide a wrong command line.
         train_state.check_resumable(saved, path, world, dataclasses.asdict(layout) if layout else None)
+        if saved["step"] >= cfg.steps:
+            return _already_complete(run_dir, saved["step"], cfg.steps, main)
     device = torch.device(cfg.device)
     if world > 1:
         device = sd.local_device()
@@ -334,6 +339,22 @@ def _train(
         summary["plots"] = [str(p) for p in plot_run(run_dir)]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _already_complete(run_dir: Path, step: int, steps: int, main: bool) -> dict[str, Any]:
+    """The summary of a run whose newest checkpoint is its last step, which --resume leaves as
+    it is: training on would write an empty validation into summary.json and metrics."""
+    summary_file = run_dir / "summary.json"
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "steps": steps, "stopped": None}
+    if summary_file.is_file():  # absent if the run was killed between its last checkpoint and here
+        summary = json.loads(summary_file.read_text())
+    if main:
+        where = f"{summary_file}, " if summary_file.is_file() else ""
+        print(
+            f"{run_dir}: already complete (step {step} of {steps}); nothing to train. "
+            f"Its results: {where}{run_dir / 'metrics.jsonl'}, {run_dir / 'plots'}/"
+        )
+    return summary | {"already_complete": True}
 
 
 def _reduce_over_ranks(
