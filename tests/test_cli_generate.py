@@ -152,13 +152,14 @@ def test_ctrl_c_ends_cleanly(tiny_dir):
     assert "interrupted" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "analyze", "demo"])
+@pytest.mark.parametrize("command", ["generate", "chat", "analyze", "demo", "train"])
 def test_device_is_checked_where_parsed(command, capsys, tmp_path):
     """A device this torch cannot use ends in argparse's one-line error, not a traceback."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args = {"generate": ["--model", str(tmp_path), "--prompt", "hi"], "chat": ["--model", str(tmp_path)],
-            "analyze": ["--model", str(tmp_path), "--data", str(tmp_path)], "demo": []}[command]  # fmt: skip
+            "analyze": ["--model", str(tmp_path), "--data", str(tmp_path)], "demo": [],
+            "train": ["--data", str(tmp_path), "--out", str(tmp_path / "r")]}[command]  # fmt: skip
     for device, message in (("cuda", "has no CUDA device"), ("gpu0", "not a torch device")):
         with pytest.raises(SystemExit) as e:
             main([command, *args, "--device", device])

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from smoe import distributed as sd
+from smoe.cli.types import device
 from smoe.config import PRESETS, ModelConfig
 
 # Command-line overrides of TrainConfig fields: flag -> (field, type).
@@ -23,7 +24,7 @@ _OVERRIDES = {
     "--aux-loss-coef": ("aux_loss_coef", float),
     "--z-loss-coef": ("z_loss_coef", float),
     "--dtype": ("dtype", str),
-    "--device": ("device", str),
+    "--device": ("device", device),
     "--eval-every": ("eval_every", int),
     "--log-every": ("log_every", int),
     "--ckpt-every": ("ckpt_every", int),
