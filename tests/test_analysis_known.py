@@ -202,3 +202,19 @@ def test_recording_leaves_the_model_and_its_logits_unchanged(tmp_path):
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(model(toks), before, rtol=0, atol=0)  # recording off: unchanged
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_pairs_count_across_window_edges_but_not_across_documents(tmp_path, batch_size):
+    """The pair rule on a hand-built case. Layer 0's first choice is t % 4. With seq_len 2 document X
+    is recorded in windows [100, 101] [105, 102] [106]; its only repeats (1 -> 1, 2 -> 2) straddle
+    the two window edges. Y's first token repeats X's last one, across the document boundary."""
+    X, Y = [100, 101, 105, 102, 106], [202, 203]  # first choices 0 1 1 2 2 | 2 3
+    s = run_analysis(
+        routed_model(), None, {"d": [X, Y]}, tmp_path, seq_len=2, batch_size=batch_size,
+        progress=False, plots=False,
+    )  # fmt: skip
+    d = s["domains"]["d"]
+    assert d["pairs"] == 4 + 1  # n - 1 per document, whatever the windows
+    # 2/5: edge pairs count (without them 0/3); the X -> Y pair does not (with it 3/6).
+    assert d["repeat_first"]["0"] == pytest.approx(2 / 5)

@@ -112,3 +112,4 @@ def test_windows_record_every_token_once_within_the_context(n, seq_len, overlap)
         assert e - run_start <= seq_len
         assert s - run_start == (0 if s == 0 else overlap)
     assert windows(7, 4, 2) == [(0, 0, 4), (2, 4, 6), (4, 6, 7)]  # the docstring's example
+    assert windows(10, 4, 1) == [(0, 0, 4), (3, 4, 7), (6, 7, 10)]  # window 0 records [0, seq_len)

@@ -6,9 +6,10 @@ K experts chosen per token, E experts.
 The model is called with ``return_router=True`` (no hooks, no change to the model; its
 ``return_router=False`` path is untouched, so recording costs nothing when it is off).
 
-Long documents are cut into windows of at most ``seq_len`` tokens. Window w of a document
-records tokens ``[w * stride, w * stride + stride)`` with ``stride = seq_len - overlap`` and
-runs the model on the ``overlap`` tokens before them too, as context only. Example with
+Long documents are cut into windows that run at most ``seq_len`` tokens each. Window 0 runs and
+records tokens ``[0, seq_len)``; every later window records the next ``stride = seq_len - overlap``
+tokens and also runs the ``overlap`` tokens before them, as context only. So window w >= 1 records
+``[seq_len + (w-1)*stride, seq_len + w*stride)`` (cut at the document's end). Example with
 seq_len=4, overlap=2 on a 7-token document::
 
     window 0: run 0..3, record 0..3
@@ -17,8 +18,14 @@ seq_len=4, overlap=2 on a 7-token document::
 
 Every token is recorded exactly once and nothing is truncated; with overlap 0 (the default) a
 token at the start of a window sees no earlier context. Windows of several documents are batched,
-right-padded with token 0: under causal attention the padding never influences the real tokens,
-and padded positions are dropped before anything is recorded.
+right-padded with token 0, and padded positions are dropped before anything is recorded.
+
+What is recorded is the router's top-k choice for each token, *dropless*: a model built with a
+capacity factor has it switched off while recording (``dropless``) and restored afterwards. A
+capacity limit is shared by every token of a batch, so it would let padding and the other windows
+in the batch change which assignments a token loses, hence the hidden states of later layers and
+their routing. Without it, under causal attention nothing outside a window reaches its tokens,
+and the recording does not depend on batching or padding.
 
 On disk (``RecordWriter``), one folder per domain, written incrementally and read back memory-mapped::
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +50,14 @@ import torch
 
 
 def windows(n: int, seq_len: int, overlap: int = 0) -> list[tuple[int, int, int]]:
-    """(run_start, record_start, end) for each window of an n-token document."""
+    """(run_start, record_start, end) for each window of an n-token document: the model runs on
+    ``[run_start, end)`` and the tokens ``[record_start, end)`` are recorded. Window 0 records
+    ``[0, seq_len)``; each later one records the next ``seq_len - overlap`` tokens after ``overlap``
+    tokens of context, so no window runs more than ``seq_len`` tokens::
+
+        windows(10, 4, 1) == [(0, 0, 4), (3, 4, 7), (6, 7, 10)]
+        windows(7, 4, 2) == [(0, 0, 4), (2, 4, 6), (4, 6, 7)]
+    """
     if seq_len <= 0 or not 0 <= overlap < seq_len:
         raise ValueError(
             f"need seq_len > 0 and 0 <= overlap < seq_len, got seq_len={seq_len}, overlap={overlap}"
@@ -72,6 +87,22 @@ def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     return [i for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)]
 
 
+@contextmanager
+def dropless(model: torch.nn.Module) -> Iterator[None]:
+    """Switch off the capacity limit of every MoE layer of ``model`` inside the block; the
+    factors are restored afterwards, also when the block raises."""
+    from smoe.model.moe import MoE
+
+    saved = [(m, m.capacity_factor) for m in model.modules() if isinstance(m, MoE)]
+    try:
+        for m, _ in saved:
+            m.capacity_factor = None
+        yield
+    finally:
+        for m, factor in saved:
+            m.capacity_factor = factor
+
+
 @torch.inference_mode()
 def route_documents(
     model: torch.nn.Module,
@@ -82,7 +113,12 @@ def route_documents(
     overlap: int = 0,
 ) -> Iterator[Chunk]:
     """Run ``model`` over ``documents`` (token id arrays) in batched windows; yield the routing of
-    ``layers`` (indices into model.layers) one batch at a time. The caller sets eval mode."""
+    ``layers`` (indices into model.layers) one batch at a time. The caller sets eval mode.
+
+    Each forward pass runs dropless (see the module docstring); the model is as it was between
+    batches, so the caller may use it while consuming the chunks."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of windows, got {batch_size}")
     moe = moe_layer_indices(model)
     missing = [i for i in layers if i not in moe]
     if missing:
@@ -108,7 +144,8 @@ def _run_batch(model, pending, pick, device) -> Chunk:
         tokens_BT[r, : len(t)] = t
     # Only the routing is recorded: the head runs for one position instead of all T (the (B, T, V)
     # logits were the largest product of a small model, and 0.5 GB per 4096 tokens at V = 32000).
-    _, routings = model(torch.from_numpy(tokens_BT).to(device), return_router=True, logits_to_keep=1)
+    with dropless(model):
+        _, routings = model(torch.from_numpy(tokens_BT).to(device), return_router=True, logits_to_keep=1)
     ids_BTLK = (
         torch.stack([routings[i].expert_ids_TK for i in pick], 1).view(B, T, len(pick), -1).cpu().numpy()
     )

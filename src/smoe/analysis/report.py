@@ -164,7 +164,13 @@ def write_report(
         f"Documents longer than {summary['seq_len']} tokens were processed in consecutive windows of "
         f"{summary['seq_len']} tokens"
         + (f" with {ov} tokens of earlier context" if ov else " without overlap")
-        + "; every token is counted once and consecutive pairs across window edges are still counted."
+        + "; every token is counted once. Two consecutive tokens of one document form a pair even when a "
+        "window edge falls between them (without overlap the second was routed without the first in its "
+        "context); pairs never span two documents."
+    )
+    cf = summary["routing"]["model_capacity_factor"]
+    routing_note = "Routing is the router's top-k choice for each token, recorded dropless" + (
+        f" (the model's capacity factor {cf} was switched off while recording)." if cf is not None else "."
     )
     h = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Routing report: {esc(summary['model'])}</title>"
@@ -173,12 +179,20 @@ def write_report(
     h.append(f"<h1>Routing report</h1><p>Model: <b>{esc(summary['model'])}</b> ({E} experts, top-{K}, "
              f"layers {esc(str(layers))}). Corpus: <b>{esc(summary['corpus'])}</b>. "
              f"Tokens analysed: <b>{total}</b> in {len(doms)} domain(s).</p>")  # fmt: skip
-    h.append(f'<p class="note">{esc(cap_note)} {esc(window_note)}</p>')
+    h.append(f'<p class="note">{esc(cap_note)} {esc(window_note)} {esc(routing_note)}</p>')
     rows = [
-        [esc(n), d["documents"], d["tokens"], d["pairs"], "yes" if d["capped"] else "no"]
+        [
+            esc(n),
+            d["documents"],
+            d["tokens"],
+            d["pairs"],
+            "yes" if d["capped"] else "no",
+            d["empty_documents_skipped"],
+        ]
         for n, d in doms.items()
     ]
-    h.append(_table(["domain", "documents", "tokens", "consecutive pairs", "capped"], rows))
+    header = ["domain", "documents", "tokens", "consecutive pairs", "capped", "empty documents skipped"]
+    h.append(_table(header, rows))
 
     h.append("<h2>Repeat rates (paper Table 5)</h2>")
     h.append("<p>Fraction of consecutive token pairs within a document whose first-choice expert is the same "

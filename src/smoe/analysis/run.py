@@ -7,6 +7,7 @@ Legend: N tokens, L analysed layers, K experts chosen per token, E experts.
 from __future__ import annotations
 
 import json
+import numbers
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smoe.analysis.record import RecordWriter, load_records, moe_layer_indices, route_documents
+from smoe.analysis.record import RecordWriter, load_records, moe_layer_indices, route_documents, windows
 from smoe.analysis.stats import (
     DomainStats,
     TokenExpertCounts,
@@ -35,8 +36,15 @@ def detail_layers(layers: list[int]) -> list[int]:
     return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
 
 
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _token_ids(doc: Document, tokenizer: Any, domain: str) -> np.ndarray:
     if isinstance(doc, str):
+        if not doc:
+            return np.zeros(0, np.int64)  # not [BOS]: an empty text is an empty document
         if tokenizer is None:
             raise ValueError(f"domain {domain!r}: documents are texts but no tokenizer was given")
         return np.asarray(tokenizer.encode(doc, bos=True, eos=False), dtype=np.int64)
@@ -46,12 +54,17 @@ def _token_ids(doc: Document, tokenizer: Any, domain: str) -> np.ndarray:
 def _capped(
     docs: Iterable[Document], tokenizer: Any, domain: str, cap: int | None, info: dict, vocab_size: int
 ) -> Iterator[np.ndarray]:
-    """Non-empty token arrays for a domain; once ``cap`` tokens are reached the document there is
-    cut, the rest skipped, and ``info["capped"]`` set (only if something was actually left out)."""
+    """Token arrays for a domain; once ``cap`` tokens are reached the document there is cut, the
+    rest skipped, and ``info["capped"]`` set (only if something was actually left out). Empty
+    documents (a text of no characters, which would be BOS alone, or no token ids) are skipped
+    and counted in ``info["empty_skipped"]``."""
     used = 0
     for i, doc in enumerate(docs):
         toks = _token_ids(doc, tokenizer, domain)
-        if len(toks) and (toks.min() < 0 or toks.max() >= vocab_size):
+        if len(toks) == 0:
+            info["empty_skipped"] += 1
+            continue
+        if toks.min() < 0 or toks.max() >= vocab_size:
             raise ValueError(
                 f"domain {domain!r}, document {i}: token ids span [{toks.min()}, {toks.max()}] but the model's "
                 f"vocabulary has {vocab_size} entries (wrong tokenizer or corpus for this model?)"
@@ -63,8 +76,7 @@ def _capped(
                 yield toks
             return
         used += len(toks)
-        if len(toks):
-            yield toks
+        yield toks
 
 
 def run_analysis(
@@ -94,12 +106,14 @@ def run_analysis(
 
     domains: name -> documents; each document is a text (encoded with BOS) or a sequence of
         token ids (used as given). Any iterable works (e.g. ``Corpus.documents(d, "val")``), and
-        documents are consumed lazily, so memory stays bounded.
+        documents are consumed lazily, so memory stays bounded. Empty documents ("" or no ids)
+        are skipped and counted (``empty_documents_skipped`` in routing.json).
     layers: indices into ``model.layers`` (default: every MoE layer).
-    max_tokens: cap on the total number of tokens, split evenly over the domains; the last
-        document reached is cut there and routing.json / the report say so.
+    max_tokens: cap on the total number of tokens, split evenly over the domains (at least one
+        token each); the last document reached is cut there and routing.json / the report say so.
     seq_len, overlap: window length (default: model.config.max_seq_len) and context overlap for
         long documents; see ``smoe.analysis.record``.
+    batch_size: windows per forward pass (a positive integer).
     keep_records: keep the per-token records in ``out_dir/records/<domain>/`` (else deleted).
     view_layers: layers shown side by side in the token view (default: first, middle, last).
     min_count: a token needs this many occurrences to enter the top-tokens tables.
@@ -107,7 +121,9 @@ def run_analysis(
     plots: draw the PNGs (a few seconds of matplotlib); without them the report has numbers only.
 
     Writes ``routing.json`` (schema in docs/routing.md), ``*.png`` and ``report.html``; returns
-    the routing.json content plus ``"paths"``.
+    the routing.json content plus ``"paths"``. The routing recorded is the router's top-k choice
+    per token, dropless: a capacity factor of the model is switched off for each forward pass and
+    restored afterwards (``record.dropless``), so batching and padding cannot change it.
     """
     cfg = model.config
     E, K = cfg.num_experts, cfg.top_k
@@ -120,12 +136,21 @@ def run_analysis(
         raise ValueError(f"layers {layers} must be a non-empty subset of the MoE layers {moe}")
     if not domains:
         raise ValueError("no domains to analyse")
-    seq_len = int(seq_len or cfg.max_seq_len)
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    _positive("seq_len", seq_len)
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model context {cfg.max_seq_len}")
+    windows(0, seq_len, overlap)  # checks 0 <= overlap < seq_len now, not at the first document
+    _positive("batch_size", batch_size)
+    if max_tokens is not None:
+        _positive("max_tokens", max_tokens)
+        if max_tokens < len(domains):
+            raise ValueError(
+                f"max_tokens {max_tokens} is less than one token for each of the {len(domains)} domains"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cap = None if max_tokens is None else max(1, max_tokens // len(domains))
+    cap = None if max_tokens is None else max_tokens // len(domains)
     details = detail_layers(layers)
     view_layers = details if view_layers is None else list(view_layers)
     if not view_layers or any(v not in layers for v in view_layers):
@@ -142,7 +167,7 @@ def run_analysis(
     try:
         for name, docs in domains.items():
             bar.set_postfix_str(name)
-            info[name] = {"capped": False}
+            info[name] = {"capped": False, "empty_skipped": 0}
             s = stats[name] = DomainStats(len(layers), E, K)
             writer = RecordWriter(out / "records" / name, layers, K, E, probs=record_probs)
             chunks = route_documents(
@@ -167,6 +192,7 @@ def run_analysis(
     seconds = time.perf_counter() - t0
 
     summary = _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model_name, corpus_name)
+    summary["routing"]["model_capacity_factor"] = cfg.capacity_factor
     summary["seconds"] = round(seconds, 3)
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
 
@@ -209,6 +235,7 @@ def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model
         "top_k": K,
         "layers": layers,
         "chance": {"first": chance_first(E, K), "any": chance_any(E, K)},
+        "routing": {"choice": "top_k", "dropless": True, "model_capacity_factor": None},
         "max_tokens": max_tokens,
         "max_tokens_per_domain": cap,
         "seq_len": seq_len,
@@ -221,6 +248,7 @@ def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model
             "documents": s.documents,
             "pairs": s.pairs,
             "capped": info[name]["capped"],
+            "empty_documents_skipped": info[name]["empty_skipped"],
             "expert_share": key(s.expert_share()),
             "first_choice_share": key(s.first_choice_share()),
             "repeat_first": key(s.repeat_first()),

@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analyze",
         help="record expert routing over named domains and write a routing report",
         description="Each --data NAME=PATH_OR_GLOB is one domain whose matching text files are one document "
-        "each (a directory means its *.txt files). --data [NAME=]CORPUS_DIR (a folder with manifest.json from "
-        "`smoe data build`) adds every domain of that corpus, from the --split split (default: val).",
+        "each (a directory means its *.txt files; only regular files are read). Every file must be UTF-8: "
+        "one that is not stops the command, naming the file, before the model is loaded. Empty files are "
+        "skipped and counted. --data [NAME=]CORPUS_DIR (a folder with manifest.json from `smoe data build`) "
+        "adds every domain of that corpus, from the --split split (default: val).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or Mistral format)")
     p.add_argument(
@@ -30,15 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", choices=["train", "val"], help="split of corpus directories")
     p.add_argument("--layers", default="all", help="comma-separated layer indices, or 'all' (default)")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="cap on total tokens, split evenly over domains"
+        "--max-tokens", type=positive_int, default=None, help="cap on total tokens, split evenly over domains"
     )
     p.add_argument(
-        "--seq-len", type=int, default=None, help="window length (default: min(model context, 2048))"
+        "--seq-len", type=positive_int, default=None, help="window length (default: min(model context, 2048))"
     )
     p.add_argument(
-        "--overlap", type=int, default=0, help="context tokens repeated between windows (default 0)"
+        "--overlap",
+        type=non_negative_int,
+        default=0,
+        help="context tokens repeated between windows (default 0)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu", type=device)
     p.add_argument(
@@ -47,14 +52,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", action="store_true", help="also record the full router probabilities (float16)")
     p.add_argument("--no-records", action="store_true", help="delete the per-token records after the report")
     p.add_argument("--no-plots", action="store_true", help="numbers only: skip the PNGs (faster)")
-    p.add_argument("--view-docs", type=int, default=2, help="documents per domain in the token view")
+    p.add_argument(
+        "--view-docs", type=non_negative_int, default=2, help="documents per domain in the token view"
+    )
     p.add_argument(
         "--view-layers", default=None, help="token-view layers, comma-separated (default first,middle,last)"
     )
     p.add_argument(
-        "--min-count", type=int, default=5, help="occurrences a token needs for the top-tokens tables"
+        "--min-count",
+        type=non_negative_int,
+        default=5,
+        help="occurrences a token needs for the top-tokens tables",
     )
     p.set_defaults(func=_analyze)
+
+
+def positive_int(value: str) -> int:
+    n = _int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    n = _int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return n
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
 
 
 def parse_data(spec: str) -> tuple[str | None, str]:
@@ -66,12 +97,15 @@ def parse_data(spec: str) -> tuple[str | None, str]:
 
 
 def text_files(path: str) -> list[Path]:
+    """The regular files a --data path names (is_file: a FIFO or device would block or never end)."""
     if GLOB_CHARS & set(path):
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
     elif Path(path).is_dir():
-        files = sorted(Path(path).glob("*.txt"))
+        files = sorted(f for f in Path(path).glob("*.txt") if f.is_file())
     elif Path(path).is_file():
         files = [Path(path)]
+    elif Path(path).exists():
+        raise ValueError(f"--data {path}: not a regular file or directory")
     else:
         raise FileNotFoundError(f"--data {path}: no such file, directory or glob")
     if not files:
@@ -79,12 +113,22 @@ def text_files(path: str) -> list[Path]:
     return files
 
 
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text ({e}); analysis input must be UTF-8") from None
+
+
+def check_utf8(files: list[Path]) -> None:
+    """Fail before the model is loaded, not minutes into the run, if a file is not UTF-8."""
+    for f in files:
+        _read_text(f)
+
+
 def read_texts(files: list[Path]) -> Iterator[str]:
     for f in files:
-        try:
-            yield f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 text ({e})") from None
+        yield _read_text(f)
 
 
 def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int | None]:
@@ -108,6 +152,7 @@ def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int 
         if name in domains:
             raise ValueError(f"--data {spec}: domain {name!r} is given twice")
         files = text_files(path)
+        check_utf8(files)
         domains[name] = read_texts(files)
         labels.append(f"{name}: {len(files)} file(s) from {path}")
         known_total = None
@@ -178,4 +223,11 @@ def summary_table(summary: dict, show: list[int]) -> str:
     capped = [n for n, d in summary["domains"].items() if d["capped"]]
     if capped:
         lines.append(f"capped at {summary['max_tokens_per_domain']} tokens per domain: {', '.join(capped)}")
+    empty = [
+        f"{n} {d['empty_documents_skipped']}"
+        for n, d in summary["domains"].items()
+        if d["empty_documents_skipped"]
+    ]
+    if empty:
+        lines.append(f"empty documents skipped: {', '.join(empty)}")
     return "\n".join(lines)
