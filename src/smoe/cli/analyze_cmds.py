@@ -4,11 +4,11 @@ PNG plots and a self-contained report.html (see docs/routing.md)."""
 from __future__ import annotations
 
 import argparse
-import glob
 from collections.abc import Iterator
 from pathlib import Path
 
-from smoe.cli.types import device
+from smoe.cli.types import device, non_negative_int, positive_int
+from smoe.data.globwalk import glob_files
 from smoe.data.shards import Corpus
 
 GLOB_CHARS = set("*?[")
@@ -67,27 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_analyze)
 
 
-def positive_int(value: str) -> int:
-    n = _int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return n
-
-
-def non_negative_int(value: str) -> int:
-    n = _int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
-    return n
-
-
-def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-
-
 def parse_data(spec: str) -> tuple[str | None, str]:
     """'NAME=PATH' -> (NAME, PATH); a bare path -> (None, PATH)."""
     name, sep, path = spec.partition("=")
@@ -99,7 +78,7 @@ def parse_data(spec: str) -> tuple[str | None, str]:
 def text_files(path: str) -> list[Path]:
     """The regular files a --data path names (is_file: a FIFO or device would block or never end)."""
     if GLOB_CHARS & set(path):
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+        files = sorted(Path(f) for f in glob_files(path) if Path(f).is_file())  # no symlink loops
     elif Path(path).is_dir():
         files = sorted(f for f in Path(path).glob("*.txt") if f.is_file())
     elif Path(path).is_file():

@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "your own files. Each domain is deduplicated, capped, split train/val and tokenized with "
         "the Mixtral tokenizer into uint16 shards.",
     )
-    b.add_argument("--out", required=True, help="output directory (empty, or an earlier corpus to replace)")
+    b.add_argument(
+        "--out",
+        required=True,
+        help="output directory (empty, or an earlier corpus to replace; a failed build keeps it)",
+    )
     b.add_argument("--seed", type=int, default=0, help="selects and splits documents (default 0)")
     b.add_argument(
         "--domain",

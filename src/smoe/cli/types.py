@@ -22,3 +22,24 @@ def device(value: str) -> str:
     if d.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: MPS is not available here")
     return value
+
+
+def positive_int(value: str) -> int:
+    n = _int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    n = _int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return n
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None

@@ -10,13 +10,20 @@ name):
    longer than ``max_doc_chars`` into pieces at line ends;
 3. tokenize in batches and keep pieces until the domain reaches ``max_tokens`` (counting BOS and
    EOS) or ``max_docs`` pieces: the piece that crosses the cap is kept, later ones are not, and
-   the manifest records ``capped`` and how many candidates were never read;
+   the manifest records ``capped`` and how many candidates were never read. Per source document
+   (a file, or a .jsonl line) it counts ``documents_in == documents_kept + sum(skipped) +
+   documents_dropped_at_cap``: the rest of a .jsonl file after the cap is dropped unjudged;
+   ``pieces_stored`` counts the pieces the kept documents became (the shards' documents);
 4. split *source documents* (all pieces of a document together, so nothing leaks) into train and
    val with ``Random("smoe-corpus:{seed}:{domain}:split")``: ``round(n * val_fraction)`` of them,
    but at least ``min(min_val_docs, n // 5)`` (a val split of 3-5 documents cannot estimate a
    domain's loss: one multilingual val document alone ranged from 5.7 to 8.1 nats/token), and
-   at least one when the domain has two or more;
+   at least one when the domain has two or more, and never all of them: a domain with a single
+   document puts it in train (val stays empty, its cross-entropy ``None``);
 5. write ``DOMAIN/{train,val}.{bin,idx}`` with ``shards.write_split`` (BOS + tokens + EOS each).
+
+Everything is written into a staging folder inside the output directory and swapped in at the end
+(``outdir.py``), so a build that fails for any reason leaves the previous corpus as it was.
 
 The manifest holds nothing time- or machine-load-dependent, so a rebuild with the same seed on the
 same machine is byte-identical, shards and manifest alike.
@@ -33,7 +40,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +48,20 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from smoe.data import outdir
 from smoe.data.shards import FORMAT, SPLITS, CorpusError, write_split
-from smoe.data.sources import DOMAIN_NAME, Source, code_source, math_source, prose_source, user_source
+from smoe.data.sources import Source, code_source, math_source, prose_source, user_source
+from smoe.data.summary import format_summary as format_summary  # re-exported: callers import it from here
 from smoe.data.system_sources import system_sources
-from smoe.data.textio import MAX_LINE_CHARS, Skip, content_hash, longest_line, normalise, split_long
+from smoe.data.textio import (
+    MAX_LINE_CHARS,
+    Skip,
+    check_text,
+    content_hash,
+    longest_line,
+    normalise,
+    split_long,
+)
 
 BUILTIN_DOMAINS = ("code", "math", "prose")
 SYSTEM_DOMAINS = ("bible", "dictionary", "manpages", "multilingual")
@@ -106,6 +122,9 @@ class _Domain:
         self.source, self.max_tokens, self.max_docs, self.bar = source, max_tokens, max_docs, bar
         self.groups: list[list[list[int]]] = []  # per source document, its pieces' token ids
         self.tokens = self.pieces = self.examined = self.split_docs = self.dropped_at_cap = 0
+        # Source documents (a text or a Skip that a candidate yields; a .jsonl line, a file):
+        # documents_in == len(groups) + sum(skipped) + docs_dropped_at_cap.
+        self.documents_in = self.docs_dropped_at_cap = 0
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.full = False
@@ -121,13 +140,15 @@ class _Domain:
         self.examined += 1
         it = iter(ids)
         for ev in events:
+            self.documents_in += 1
+            toks = [] if isinstance(ev, Skip) else [next(it) for _ in ev[1]]
+            if self.full:  # the rest of a capped candidate (a .jsonl file's later lines) is not judged
+                self.docs_dropped_at_cap += 1
+                continue
             if isinstance(ev, Skip):
                 self.skip(ev)
                 continue
             h, pieces = ev
-            toks = [next(it) for _ in pieces]
-            if self.full:
-                continue
             if h in seen:
                 self.skip(Skip("duplicate", key))
                 continue
@@ -152,6 +173,7 @@ def _prepare(source: Source, key: str, max_doc_chars: int) -> tuple[list, list[s
     """Load a candidate into events (Skip, or (hash, pieces)) and the list of texts to encode."""
     events, texts = [], []
     for item in source.load(key):
+        item = item if isinstance(item, Skip) else check_text(item, key)  # every source, not only .jsonl
         if isinstance(item, Skip):
             events.append(item)
             continue
@@ -225,7 +247,10 @@ def _split(dom: _Domain, seed: int, val_fraction: float, min_val_docs: int) -> d
     n = len(dom.groups)
     n_val = round(n * val_fraction)
     if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, min(min_val_docs, n // 5), 1), n - 1)
+        n_val = max(n_val, min(min_val_docs, n // 5), 1)
+    # Train needs a document more than val does: a lone document goes to train (val_fraction
+    # 0.6 used to send it to val and leave train empty).
+    n_val = min(n_val, max(n - 1, 0))
     val = set(random.Random(f"smoe-corpus:{seed}:{dom.source.name}:split").sample(range(n), n_val))
     out: dict[str, list[list[int]]] = {"train": [], "val": []}
     for g, pieces in enumerate(dom.groups):
@@ -249,37 +274,6 @@ def _unigram(counts_train: np.ndarray, counts_val: np.ndarray) -> dict[str, floa
         "unigram_entropy_bits": None if h is None else round(h / math.log(2), 6),
         "val_unigram_xent_nats": None if xent is None else round(xent, 6),
     }
-
-
-_INCOMPLETE = ".smoe-build-incomplete"  # lists the domains of a build in progress
-
-
-def _prepare_out(out: Path, domains: list[str]) -> None:
-    """Refuse to write into a directory that is not ours; clear an earlier (or interrupted) build.
-
-    Only the domain folders an earlier manifest (or in-progress marker) lists are removed, and
-    only names that are valid domain names, so a doctored manifest cannot point outside ``out``.
-    """
-    if out.exists() and not out.is_dir():
-        raise CorpusError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for listing in (out / "manifest.json", out / _INCOMPLETE):
-        if not listing.is_file():
-            continue
-        try:
-            old = json.loads(listing.read_text())
-            old = old.get("domains", {}) if isinstance(old, dict) else old
-        except ValueError:
-            old = []
-        listing.unlink()
-        for name in old:
-            if isinstance(name, str) and DOMAIN_NAME.match(name) and (out / name).is_dir():
-                shutil.rmtree(out / name)
-    if any(out.iterdir()):
-        raise CorpusError(
-            f"{out}: directory is not empty and holds no corpus manifest; refusing to write into it"
-        )
-    (out / _INCOMPLETE).write_text(json.dumps(domains))
 
 
 def build_corpus(
@@ -322,88 +316,73 @@ def build_corpus(
         from smoe.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
-    out = Path(out_dir)
-    _prepare_out(out, [src.name for src in sources])
-
     vocab = int(tokenizer.vocab_size)
     if vocab > 2**16:
         raise CorpusError(f"tokenizer vocabulary {vocab} does not fit uint16 shards")
-    seen: set[bytes] = set()
-    totals = {s: np.zeros(vocab, dtype=np.int64) for s in SPLITS}
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "vocab_size": vocab,
-        "tokenizer": Path(getattr(tokenizer, "path", "unknown")).name,
-        "bos_id": int(tokenizer.bos_id),
-        "eos_id": int(tokenizer.eos_id),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "min_val_docs": min_val_docs,
-        "caps": {
-            "max_tokens_per_domain": max_tokens_per_domain,
-            "max_docs_per_domain": max_docs_per_domain,
-            "max_doc_chars": max_doc_chars,
-            "max_line_chars": MAX_LINE_CHARS,
-        },
-        "entropy_unit": "nats (natural log, like the training loss); *_bits = nats / ln 2",
-        "absent_sources": notes,
-        "domains": {},
-    }
-    for source in sources:
-        dom, n_candidates = _collect(
-            source, seed, tokenizer, seen, max_tokens_per_domain, max_docs_per_domain, max_doc_chars, progress
-        )
-        entry: dict[str, Any] = {"source": source.description, "kind": source.kind}
-        counts = {}
-        for split, docs in _split(dom, seed, val_fraction, min_val_docs).items():
-            docs = [[tokenizer.bos_id, *d, tokenizer.eos_id] for d in docs]
-            entry[split] = write_split(out / source.name, split, docs)
-            flat = np.fromiter(itertools.chain.from_iterable(docs), np.int64)
-            c = np.bincount(flat, minlength=vocab)
-            c[tokenizer.bos_id] -= len(docs)
-            counts[split] = c
-            totals[split] += c
-        entry.update(_unigram(counts["train"], counts["val"]))
-        entry.update(
-            candidates=n_candidates,
-            examined=dom.examined,
-            never_read=None if n_candidates is None else n_candidates - dom.examined,
-            capped=dom.full,
-            documents_split_in_pieces=dom.split_docs,
-            pieces_dropped_at_cap=dom.dropped_at_cap,
-            skipped=dict(sorted(dom.skipped.items())),
-            skipped_examples=dict(sorted(dom.examples.items())),
-        )
-        manifest["domains"][source.name] = entry
-    manifest["overall"] = {
-        s: {k: sum(d[s][k] for d in manifest["domains"].values()) for k in ("documents", "tokens")}
-        for s in SPLITS
-    }
-    manifest["overall"].update(_unigram(totals["train"], totals["val"]))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / _INCOMPLETE).unlink()
+    # Every check above leaves out_dir alone; from here on a failure keeps the old corpus there.
+    with outdir.replacing(Path(out_dir)) as out:
+        seen: set[bytes] = set()
+        totals = {s: np.zeros(vocab, dtype=np.int64) for s in SPLITS}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "vocab_size": vocab,
+            "tokenizer": Path(getattr(tokenizer, "path", "unknown")).name,
+            "bos_id": int(tokenizer.bos_id),
+            "eos_id": int(tokenizer.eos_id),
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "min_val_docs": min_val_docs,
+            "caps": {
+                "max_tokens_per_domain": max_tokens_per_domain,
+                "max_docs_per_domain": max_docs_per_domain,
+                "max_doc_chars": max_doc_chars,
+                "max_line_chars": MAX_LINE_CHARS,
+            },
+            "entropy_unit": "nats (natural log, like the training loss); *_bits = nats / ln 2",
+            "absent_sources": notes,
+            "domains": {},
+        }
+        for source in sources:
+            dom, n_candidates = _collect(
+                source,
+                seed,
+                tokenizer,
+                seen,
+                max_tokens_per_domain,
+                max_docs_per_domain,
+                max_doc_chars,
+                progress,
+            )
+            entry: dict[str, Any] = {"source": source.description, "kind": source.kind}
+            counts = {}
+            for split, docs in _split(dom, seed, val_fraction, min_val_docs).items():
+                docs = [[tokenizer.bos_id, *d, tokenizer.eos_id] for d in docs]
+                entry[split] = write_split(out / source.name, split, docs)
+                flat = np.fromiter(itertools.chain.from_iterable(docs), np.int64)
+                c = np.bincount(flat, minlength=vocab)
+                c[tokenizer.bos_id] -= len(docs)
+                counts[split] = c
+                totals[split] += c
+            entry.update(_unigram(counts["train"], counts["val"]))
+            entry.update(
+                candidates=n_candidates,
+                examined=dom.examined,
+                never_read=None if n_candidates is None else n_candidates - dom.examined,
+                capped=dom.full,
+                documents_split_in_pieces=dom.split_docs,
+                pieces_dropped_at_cap=dom.dropped_at_cap,
+                documents_in=dom.documents_in,
+                documents_kept=len(dom.groups),
+                documents_dropped_at_cap=dom.docs_dropped_at_cap,
+                pieces_stored=dom.pieces,
+                skipped=dict(sorted(dom.skipped.items())),
+                skipped_examples=dict(sorted(dom.examples.items())),
+            )
+            manifest["domains"][source.name] = entry
+        manifest["overall"] = {
+            s: {k: sum(d[s][k] for d in manifest["domains"].values()) for k in ("documents", "tokens")}
+            for s in SPLITS
+        }
+        manifest["overall"].update(_unigram(totals["train"], totals["val"]))
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def format_summary(manifest: dict[str, Any]) -> str:
-    """A table of documents, tokens, skips and entropy per domain, then each domain's source."""
-    head = ["domain", "train docs", "train tokens", "val docs", "val tokens", "skipped", "H1 nats", "capped"]
-    rows = []
-    for name, d in manifest["domains"].items():
-        skipped = ", ".join(f"{k} {v}" for k, v in d["skipped"].items()) or "-"
-        h = d["unigram_entropy_nats"]
-        rows.append([name, d["train"]["documents"], d["train"]["tokens"], d["val"]["documents"],
-                     d["val"]["tokens"], skipped, "-" if h is None else f"{h:.3f}", "yes" if d["capped"] else "no"])  # fmt: skip
-    o = manifest["overall"]
-    h = o["unigram_entropy_nats"]
-    rows.append(["TOTAL", o["train"]["documents"], o["train"]["tokens"], o["val"]["documents"],
-                 o["val"]["tokens"], "", "-" if h is None else f"{h:.3f}", ""])  # fmt: skip
-    cells = [head] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines.append("")
-    lines += [f"{name}: {d['source']}" for name, d in manifest["domains"].items()]
-    lines += [f"not built: {n}" for n in manifest["absent_sources"]]
-    lines.append("H1 = unigram entropy of the train tokens (nats; compare with validation loss).")
-    return "\n".join(lines)

@@ -11,7 +11,7 @@ document texts and ``Skip`` records on demand, so a capped build reads only what
   (``*.dist-info/METADATA``), ``.rst``/``.md``/``.txt`` files in site-packages, and per-module
   docstrings extracted with ``ast`` (modules are never imported).
 - **user** domains: ``NAME=GLOB`` over .txt/.md/.rst (one document per file) and .jsonl (one per
-  line, "text" field).
+  line, "text" field); ``**`` does not follow symlinked directories (``globwalk``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import email.parser
 import functools
-import glob
 import itertools
 import os
 import random
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smoe.data import math_gen
+from smoe.data.globwalk import glob_files
 from smoe.data.textio import Skip, read_text, read_user_file
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a directory name beside manifest.json
@@ -214,7 +214,7 @@ def parse_domain_spec(spec: str) -> tuple[str, str]:
 def user_source(name: str, pattern: str) -> Source:
     if not DOMAIN_NAME.match(name):
         raise ValueError(f"user domain name {name!r} must match {DOMAIN_NAME.pattern}")
-    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    matches = glob_files(os.path.expanduser(pattern))
     if not matches:
         raise FileNotFoundError(f"domain {name!r}: glob {pattern!r} matched no files")
 

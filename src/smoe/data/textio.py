@@ -4,8 +4,10 @@ A source yields, per candidate, either document texts (``str``) or ``Skip`` reco
 counts skips by reason in the manifest. Reasons used across sources:
 
 ==================  =================================================================
-binary              a NUL byte in the file (or JSON line)
-invalid_utf8        bytes that do not decode as UTF-8
+binary              a NUL byte in the file, or a NUL character in a document's text (a JSON
+                    ``\\u0000`` escape, a docstring's ``\\0``)
+invalid_utf8        bytes that do not decode as UTF-8, or text that cannot be encoded as UTF-8
+                    (a lone surrogate such as a JSON ``\\ud800`` escape)
 empty               nothing but whitespace after normalisation
 enormous_line       a line longer than ``MAX_LINE_CHARS`` characters
 too_large           a file over ``MAX_FILE_BYTES`` (not read)
@@ -13,7 +15,8 @@ unreadable          open/read failed: permissions, broken symlink, vanished file
 directory           a glob matched a directory
 not_regular_file    a FIFO, socket or device (reading one could block forever)
 unsupported_type    a user-glob match that is not .txt/.md/.rst/.jsonl
-invalid_json        a .jsonl line that is not a JSON object with a string "text"
+invalid_json        a .jsonl line that is not a JSON object with a string "text" (or nested
+                    too deeply for the parser)
 duplicate           same normalised content as an earlier document (any domain)
 ==================  =================================================================
 """
@@ -45,6 +48,18 @@ def normalise(text: str) -> str:
     """NFC, ``\\n`` line ends, no trailing spaces, no leading/trailing blank lines. Stored as is."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def check_text(text: str, where: str) -> str | Skip:
+    """``text``, or why it cannot be a document: a decoded escape can still hold a NUL or a lone
+    surrogate, which valid UTF-8 bytes never do. A surrogate would crash hashing and tokenizing."""
+    if "\x00" in text:
+        return Skip("binary", where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return Skip("invalid_utf8", where)
+    return text
 
 
 def content_hash(text: str) -> bytes:
@@ -114,13 +129,13 @@ def read_jsonl(path: Path) -> Iterator[str | Skip]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[...]]]]" nested 20000 deep
             yield Skip("invalid_json", where)
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             yield Skip("invalid_json", where)
             continue
-        yield obj["text"]
+        yield check_text(obj["text"], where)
 
 
 def read_user_file(path: Path) -> Iterator[str | Skip]:
