@@ -22,6 +22,7 @@ import torch
 
 import smoe
 from smoe import distributed as sd
+from smoe.cli.main import main
 from smoe.train import checkpoint as ckpt
 from smoe.train.config import write_run_file
 from smoe.train.export import model_from_run
@@ -130,3 +131,19 @@ def test_parallel_layout_without_torchrun_is_rejected(tmp_path):
     with pytest.raises(sd.MeshError, match="ep=2 does not divide the world size 1"):
         train(tmp_path / "r", MODEL, tcfg(), tmp_path / "corpus", parallel=sd.ParallelConfig(ep=2))
     assert not (tmp_path / "r").exists()  # rejected before anything was written
+
+
+def test_param_dtype_without_fsdp_is_rejected(tmp_path, capsys):
+    """--param-dtype is FSDP2's MixedPrecisionPolicy: DDP would silently train in float32."""
+    with pytest.raises(sd.MeshError, match="needs data_parallel='fsdp'"):
+        sd.ParallelConfig(ep=2, param_dtype="bf16")
+    assert (
+        sd.ParallelConfig(ep=2, data_parallel="fsdp", param_dtype="bf16").resolve(2, 4).param_dtype == "bf16"
+    )
+    corpus = make_corpus(tmp_path / "corpus")
+    run_file = tmp_path / "run.json"
+    write_run_file(run_file, DIST_MODEL, train_cfg(GRAD_ACCUM))
+    argv = ["train", "--config", str(run_file), "--data", str(corpus), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--param-dtype", "bf16", "--no-progress"]) == 2
+    assert "--param-dtype" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -6,8 +6,8 @@ steps straight through, and the same run stopped after step 2 then resumed with
 the validation losses, the final weights and the optimizer state must be bitwise equal. The
 stop under EP + DDP is a SIGTERM raised on rank 1 only (every rank must stop after the same
 step and save); under EP + FSDP2 a NaN loss on rank 1 only in step 3 (every rank must raise,
-keeping the step-2 checkpoint); the others use ``stop_after``. Router jitter is on, so the RNG states must
-come back too. A run saved under EP + DDP and resumed under FSDP2 (same 2 processes)
+keeping the step-2 checkpoint); the others use ``stop_after``. Router jitter is on, with one
+RNG stream per rank, so every rank's RNG state must come back too. A run saved under EP + DDP and resumed under FSDP2 (same 2 processes)
 matches to float32 round-off, and a resume with a different number of processes is refused
 with both layouts named.
 
@@ -181,6 +181,9 @@ def test_stop_and_resume_equals_straight_run(runs, layout):
     for key in ("model", "optimizer", "scheduler", "rng_per_rank"):
         assert_equal_trees(a[key], b[key], key)
     assert a["world_size"] == 2 and a["layout"]["ep"] == LAYOUTS[layout]["ep"]
+    # Each rank draws its own router jitter: the ranks' torch RNG streams differ.
+    rng0, rng1 = (r["torch"] for r in a["rng_per_rank"])
+    assert not torch.equal(rng0, rng1)
     # The interrupted run's checkpoint is the single-process format: full optimizer tensors.
     exp_avg = a["optimizer"]["state"][a["optimizer_params"].index("layers.0.feed_forward.w1")]["exp_avg"]
     assert exp_avg.shape == a["model"]["layers.0.feed_forward.w1"].shape

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from smoe.checkpoint.load import save_model
 from smoe.distributed.data_parallel import unwrap
-from smoe.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallelEngine, moe_layers
+from smoe.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallelEngine, ep_engine, moe_layers
 from smoe.distributed.launch import barrier, is_main
 from smoe.model.transformer import Transformer
 
@@ -58,9 +58,9 @@ def _sharded(model: nn.Module) -> nn.Module:
 def _ep_engines(model: nn.Module) -> dict[int, ExpertParallelEngine]:
     """id(parameter) -> the EP engine whose group holds the other slices of it."""
     return {
-        id(getattr(moe, name)): moe.engine
+        id(getattr(moe, name)): engine
         for moe in moe_layers(model)
-        if isinstance(moe.engine, ExpertParallelEngine)
+        if (engine := ep_engine(moe)) is not None
         for name in EXPERT_PARAMS
     }
 

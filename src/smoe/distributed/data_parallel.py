@@ -21,9 +21,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from smoe.distributed.expert_parallel import (
-    ExpertParallelEngine,
     TouchAllEngine,
+    ep_engine,
     expert_param_names,
+    find_engine,
     moe_layers,
 )
 from smoe.distributed.mesh import ParallelMesh, param_dtype
@@ -32,7 +33,7 @@ from smoe.distributed.mesh import ParallelMesh, param_dtype
 def _touch_all_local_experts(model: nn.Module) -> None:
     """Non-EP MoE layers: make every expert produce a gradient on every rank (see touch_all_experts)."""
     for moe in moe_layers(model):
-        if not isinstance(moe.engine, (ExpertParallelEngine, TouchAllEngine)):
+        if ep_engine(moe) is None and find_engine(moe, TouchAllEngine) is None:
             moe.engine = TouchAllEngine(moe.engine)
 
 
@@ -83,7 +84,7 @@ def apply_fsdp(model: nn.Module, pmesh: ParallelMesh) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     _touch_all_local_experts(model)
     for moe in moe_layers(model):
-        if isinstance(moe.engine, ExpertParallelEngine):
+        if ep_engine(moe) is not None:
             # The router is dense: shard it over everyone before the MoE group claims it.
             fully_shard(moe.gate, mesh=pmesh.world, mp_policy=mp)
             fully_shard(moe, mesh=pmesh.dp, mp_policy=mp)

@@ -26,6 +26,8 @@ replaces its w1/w2/w3 Parameters by this rank's slices.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,6 +36,7 @@ from smoe.dispatch import Engine, get_engine, tokens_per_expert
 from smoe.model.moe import MoE
 
 EXPERT_PARAMS = ("w1", "w2", "w3")
+_E = TypeVar("_E")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -149,12 +152,33 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def base_engine(moe: MoE) -> Engine:
-    """The single-device engine behind any wrapper we installed (or the configured one)."""
-    engine = moe.engine
-    while isinstance(engine, (ExpertParallelEngine, TouchAllEngine)):
-        engine = engine.local_engine if isinstance(engine, ExpertParallelEngine) else engine.engine
+def _inner(engine: Engine) -> Engine | None:
+    """The engine a wrapper delegates to, or None for a plain engine.
+
+    Wrappers (TouchAllEngine here, BF16Engine in smoe.train.precision, any later one) keep it
+    as ``.engine``; the EP engine keeps its local one as ``.local_engine``.
+    """
+    if isinstance(engine, ExpertParallelEngine):
+        return engine.local_engine
+    return getattr(engine, "engine", None)
+
+
+def find_engine(moe: MoE, kind: type[_E]) -> _E | None:
+    """The engine of type ``kind`` in ``moe``'s chain of wrappers, or None."""
+    engine: Engine | None = moe.engine
+    while engine is not None and not isinstance(engine, kind):
+        engine = _inner(engine)
     return engine
+
+
+def ep_engine(moe: MoE) -> ExpertParallelEngine | None:
+    """The expert-parallel engine of ``moe``, under any wrappers, or None if it is not sharded.
+
+    Why not ``isinstance(moe.engine, ...)``: wrappers go on after ``parallelize`` (the training
+    loop's BF16Engine for ``--dtype bf16`` sits outside the EP engine, so the all-to-all carries
+    bf16), and every lookup of the ep group (gradient norm, checkpoint gather) must still find it.
+    """
+    return find_engine(moe, ExpertParallelEngine)
 
 
 def apply_expert_parallel(
@@ -167,7 +191,14 @@ def apply_expert_parallel(
     names the local engine (default: the model's own).
     """
     for moe in moe_layers(model):
-        local = get_engine(dispatch) if dispatch else base_engine(moe)
+        if _inner(moe.engine) is not None:
+            # A wrapper inside the EP engine would change what it does (BF16Engine there would
+            # send float32 over the all-to-all); dropping it would change it silently.
+            raise ValueError(
+                f"an MoE layer's engine is already wrapped ({moe.engine!r}): apply expert parallelism "
+                "first, then wrappers such as smoe.train.precision.wrap_engines_for_autocast"
+            )
+        local = get_engine(dispatch) if dispatch else moe.engine
         engine = ExpertParallelEngine(ep_group, moe.num_experts, local)
         lo, hi = engine.local_range().start, engine.local_range().stop
         for name in EXPERT_PARAMS:
@@ -183,12 +214,7 @@ def apply_expert_parallel(
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The expert weights of every expert-parallel MoE layer (gradients summed over ep already)."""
-    return [
-        getattr(m, n)
-        for m in moe_layers(model)
-        if isinstance(m.engine, ExpertParallelEngine)
-        for n in EXPERT_PARAMS
-    ]
+    return [getattr(m, n) for m in moe_layers(model) if ep_engine(m) is not None for n in EXPERT_PARAMS]
 
 
 def expert_param_names(model: nn.Module) -> set[str]:

@@ -20,16 +20,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from smoe.distributed.data_parallel import unwrap
-from smoe.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallelEngine, moe_layers
+from smoe.distributed.expert_parallel import EXPERT_PARAMS, ep_engine, moe_layers
 
 
 def grad_norm(model: nn.Module) -> torch.Tensor:
     """The L2 norm of all gradients of the full (single-process-equivalent) model. Collective."""
     model = unwrap(model)
     ep_group = {
-        id(getattr(moe, n)): moe.engine.group
+        id(getattr(moe, n)): engine.group
         for moe in moe_layers(model)
-        if isinstance(moe.engine, ExpertParallelEngine)
+        if (engine := ep_engine(moe)) is not None
         for n in EXPERT_PARAMS
     }
     # (groups to sum over) -> squared norm; keys appear in the same order on every rank.

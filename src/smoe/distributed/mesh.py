@@ -36,7 +36,8 @@ class ParallelConfig:
     step: "ddp" replicates and all-reduces gradients, "fsdp" shards with FSDP2
     (``fully_shard``). ``param_dtype`` ("bf16") casts parameters for compute under FSDP2's
     MixedPrecisionPolicy while gradients are reduced in float32; None leaves dtypes alone
-    (e.g. when the training loop uses autocast).
+    (e.g. when the training loop uses autocast). It is an FSDP2 option: set with "ddp", it is
+    an error rather than ignored.
     """
 
     dp: int = 0
@@ -59,6 +60,12 @@ class ParallelConfig:
         if self.param_dtype not in (None, "bf16", "fp32"):
             raise MeshError(
                 f"parallel config field 'param_dtype' must be None, 'bf16' or 'fp32', got {self.param_dtype!r}"
+            )
+        if self.param_dtype is not None and self.data_parallel != "fsdp":
+            # Only FSDP2's MixedPrecisionPolicy reads it; DDP would train in float32 unannounced.
+            raise MeshError(
+                f"param_dtype={self.param_dtype!r} (--param-dtype) needs data_parallel='fsdp' (--fsdp); "
+                f"under {self.data_parallel!r} use the train config's dtype (--dtype bf16) for bf16 compute"
             )
         if not self.timeout_s > 0:
             raise MeshError(f"parallel config field 'timeout_s' must be > 0, got {self.timeout_s!r}")

@@ -46,6 +46,9 @@ from smoe.train.optim import build_optimizer, build_scheduler
 from smoe.train.precision import wrap_engines_for_autocast
 from smoe.train.step import NonFiniteLossError, eval_loss, imbalance, train_step
 
+# Rank r seeds cfg.seed + r * stride: with seed + r, rank 1 of seed 0 would replay rank 0 of seed 1.
+RANK_SEED_STRIDE = 1_000_003
+
 
 class _StopFlag:
     """Set by SIGINT/SIGTERM; the loop saves a checkpoint after the current step and exits."""
@@ -100,7 +103,9 @@ def _open_corpus(corpus_dir, model_cfg: ModelConfig) -> Corpus:
     return corpus
 
 
-def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, write: bool = True):
+def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool):
+    """The run's model and train configs and its corpus, checked; writes nothing (see
+    ``_write_run``), so that a bad layout found afterwards leaves no run directory behind."""
     config_file, run_file = run_dir / "config.json", run_dir / "run.json"
     if resume:
         if not config_file.is_file():
@@ -120,12 +125,14 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool, writ
         )
     if model_cfg is None or train_cfg is None or corpus_dir is None:
         raise ValueError("a new run needs a model config, a train config and a corpus")
-    corpus = _open_corpus(corpus_dir, model_cfg)  # checked before anything is written
-    if write:  # every rank checks the above; only the main rank writes
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_file(config_file, model_cfg, train_cfg)
-        run_file.write_text(json.dumps({"corpus": str(Path(corpus_dir).resolve())}) + "\n")
-    return model_cfg, train_cfg, corpus
+    return model_cfg, train_cfg, _open_corpus(corpus_dir, model_cfg)
+
+
+def _write_run(run_dir: Path, model_cfg, train_cfg, corpus: Corpus) -> None:
+    """config.json and run.json of a new run (what ``--resume`` reads back)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_file(run_dir / "config.json", model_cfg, train_cfg)
+    (run_dir / "run.json").write_text(json.dumps({"corpus": str(Path(corpus.path).resolve())}) + "\n")
 
 
 class _NoLog:
@@ -182,7 +189,9 @@ def _train(
 ):
     run_dir = Path(run_dir)
     main, rank = sd.is_main(), sd.rank()
-    model_cfg, cfg, corpus = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume, write=main)
+    model_cfg, cfg, corpus = _prepare(run_dir, model_cfg, train_cfg, corpus_dir, resume)
+    # Every rank checks the layout (e.g. --ep 4 on 2 ranks) and the device before the main rank
+    # writes the run's files: a run that cannot start leaves no directory to clean up.
     layout = parallel.resolve(world, model_cfg.num_experts) if world > 1 else None
     saved, path = None, None
     if resume:  # every rank reads the same (full) checkpoint
@@ -202,7 +211,8 @@ def _train(
                 f"train config device={cfg.device!r}, but this torchrun rank runs on {device} "
                 f"({torch.distributed.get_backend()}); pass --device {device.type}"
             )
-    torch.manual_seed(cfg.seed)
+    if main and not resume:
+        _write_run(run_dir, model_cfg, cfg, corpus)
     if init_model is not None:
         if init_model.config != model_cfg:
             raise ValueError(f"init model config {init_model.config} differs from the run's {model_cfg}")
@@ -213,7 +223,11 @@ def _train(
         model.load_state_dict(saved["model"])
     model = sd.parallelize(model, parallel)  # unchanged with one process
     if cfg.dtype == "bf16":
-        wrap_engines_for_autocast(model)
+        wrap_engines_for_autocast(model)  # after parallelize: bf16 outside the EP engine
+    # The global RNG drives router jitter only (init and data have their own generators). One
+    # stream per rank, or every rank would draw the same noise for its own tokens; rank 0 keeps
+    # the single-process stream. A resume restores each rank's state from the checkpoint.
+    torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     sampler = TrainSampler(corpus, cfg.seq_len, cfg.batch_size, cfg.seed)

@@ -20,6 +20,8 @@ from smoe.model.moe import MoE
 
 class BF16Engine:
     def __init__(self, engine):
+        # ``.engine`` is the wrapper convention smoe.distributed.expert_parallel.find_engine follows
+        # to find an expert-parallel engine under this one (wrapped after parallelize).
         self.engine = engine
 
     def __call__(self, x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD):
