@@ -60,25 +60,19 @@ def test_cuda_graph_needs_cuda(make_hf):
         GreedyDecodeLoop(model, KVCache.for_model(model, 1, 8), max_steps=4, cuda_graph=True)
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_runs_tiny_on_cpu(monkeypatch, capsys):
+def _gpu_decode(monkeypatch, prefill_len: int, batches: list[str]):
+    """benchmarks/gpu_decode.py as a module, with argv set for a tiny CPU run."""
     spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "benchmarks" / "gpu_decode.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    argv = [
-        "gpu_decode.py",
-        "--tiny",
-        "--device",
-        "cpu",
-        "--steps",
-        "4",
-        "--prompt-len",
-        "8",
-        "--prefill-len",
-        "32",
-    ]
-    argv += ["--batch", "1", "3"]
-    monkeypatch.setattr(sys, "argv", argv)
+    argv = ["gpu_decode.py", "--tiny", "--device", "cpu", "--steps", "4", "--prompt-len", "8"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prefill-len", str(prefill_len), "--batch", *batches])
+    return mod
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_tiny_on_cpu(monkeypatch, capsys):
+    mod = _gpu_decode(monkeypatch, 32, ["1", "3"])
     mod.main()
     out = capsys.readouterr().out.strip().splitlines()
     table = out[out.index("| measurement | result | graphed tokens == eager |") :]
@@ -93,9 +87,7 @@ def test_gpu_benchmark_prints_its_rows_when_stopped(monkeypatch, capsys):
     come out (benchmarks/gpu_session.sh collects it)."""
     import signal
 
-    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "benchmarks" / "gpu_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _gpu_decode(monkeypatch, 16, ["1"])
     real = mod.bench_prefill
 
     def prefill_cut_short(*args, **kwargs):
@@ -103,19 +95,6 @@ def test_gpu_benchmark_prints_its_rows_when_stopped(monkeypatch, capsys):
         signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(mod, "bench_prefill", prefill_cut_short)
-    argv = [
-        "gpu_decode.py",
-        "--tiny",
-        "--device",
-        "cpu",
-        "--steps",
-        "4",
-        "--prompt-len",
-        "8",
-        "--prefill-len",
-        "16",
-    ]
-    monkeypatch.setattr(sys, "argv", argv + ["--batch", "1"])
     before = signal.getsignal(signal.SIGTERM)
     try:
         mod.main()
