@@ -6,9 +6,12 @@ parameters (hidden_dim = top_k * expert hidden), measured interleaved in one run
     python benchmarks/cpu_train.py --tiny         # seconds; checks that the script runs
 
 Every step is forward + loss (with the 0.02 load-balancing loss on both sides) + backward +
-AdamW. A fourth row times only the step's unavoidable matrix products (``matmul_floor_stepper``):
-no implementation's step can beat it on this machine. The steps of the three models alternate, so machine noise hits them alike; the table
-gives median tokens/s and the ratios of medians. Prints a markdown table last.
+AdamW, with the same optimizer groups on both sides; transformers runs on smoe's weights (same
+routing). Two more rows time only the step's unavoidable matrix products
+(``matmul_floor_stepper``), with the experts' products as a loop of ``mm`` and as one ``bmm``;
+the faster is the floor: an estimate of the least time any step needs here (other product
+forms might still be faster). The steppers alternate, so machine noise hits them alike; the
+table gives median tokens/s and the ratios of medians. Prints a markdown table last.
 """
 
 from __future__ import annotations
@@ -62,21 +65,25 @@ def unfused_head_loss(stepper):
 
 
 def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
+    """transformers' model on smoe's seed-0 weights (saved, then ``from_pretrained``: the same
+    routing, so the same per-expert work), with smoe's optimizer groups."""
+    import tempfile
+
     import transformers
 
-    hf_cfg = transformers.MixtralConfig(
-        **{**cfg.to_hf(), "output_router_logits": True, "router_aux_loss_coef": 0.02}
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=tcfg.fused_adamw
-    )
+    from smoe.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(build_model(cfg, seed=0), d)
+        model = transformers.MixtralForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="sdpa", output_router_logits=True,
+            router_aux_loss_coef=0.02,
+        ).train()  # fmt: skip
+    opt = build_optimizer(model, tcfg)
     inputs = batch.inputs_BT  # the same B x T tokens through the model; HF shifts the labels itself
 
     def step():
-        out = model(input_ids=inputs, labels=inputs)
+        out = model(input_ids=inputs, labels=inputs, use_cache=False)  # no KV cache in training
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
@@ -85,21 +92,22 @@ def hf_stepper(cfg: ModelConfig, tcfg: TrainConfig, batch: Batch):
     return step
 
 
-def matmul_floor_stepper(cfg: ModelConfig, tokens: int):
+def matmul_floor_stepper(cfg: ModelConfig, tokens: int, batched_experts: bool):
     """Only the matrix products a training step cannot avoid, back to back: for every weight
     (attention, router, each expert on exactly its share T*k/E of the rows, output head) the
     forward product and the two backward ones (input and weight gradient), in F.linear's
-    layouts. No attention scores, norms, activations, loss or optimizer, so its time is a lower
-    bound for any implementation's step on this machine."""
+    layouts. No attention scores, norms, activations, loss or optimizer. The experts' products
+    run either one ``mm`` per expert or one ``bmm`` over all experts (``batched_experts``);
+    ``main`` takes the faster of the two as the floor, since an implementation may use either."""
     g = torch.Generator().manual_seed(0)
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_expert = tokens * cfg.top_k // cfg.num_experts
-    shapes = [(tokens, cfg.dim, cfg.vocab_size)]  # (rows, in, out)
+    E, per_expert = cfg.num_experts, tokens * cfg.top_k // cfg.num_experts
+    shapes = [(tokens, cfg.dim, cfg.vocab_size)]  # (rows, in, out), one weight each
+    expert_shapes = []  # (rows per expert, in, out) for E experts at once
     for _ in range(cfg.n_layers):
         shapes += [(tokens, cfg.dim, q), (tokens, cfg.dim, kv), (tokens, cfg.dim, kv), (tokens, q, cfg.dim)]
-        shapes += [(tokens, cfg.dim, cfg.num_experts)]
-        for _ in range(cfg.num_experts):
-            shapes += [(per_expert, cfg.dim, cfg.hidden_dim)] * 2 + [(per_expert, cfg.hidden_dim, cfg.dim)]
+        shapes += [(tokens, cfg.dim, E)]
+        expert_shapes += [(per_expert, cfg.dim, cfg.hidden_dim)] * 2 + [(per_expert, cfg.hidden_dim, cfg.dim)]
     ops = []
     for n, i, o in shapes:
         x, w, gy = (
@@ -107,11 +115,24 @@ def matmul_floor_stepper(cfg: ModelConfig, tokens: int):
             torch.randn(o, i, generator=g),
             torch.randn(n, o, generator=g),
         )
-        ops += [(x, w.T), (gy, w), (gy.T, x)]  # forward, grad input, grad weight
+        ops += [
+            (torch.mm, x, w.T),
+            (torch.mm, gy, w),
+            (torch.mm, gy.T, x),
+        ]  # forward, grad input, grad weight
+    for n, i, o in expert_shapes:
+        x, w, gy = (
+            torch.randn(E, n, i, generator=g), torch.randn(E, o, i, generator=g), torch.randn(E, n, o, generator=g)
+        )  # fmt: skip
+        triples = [(x, w.transpose(1, 2)), (gy, w), (gy.transpose(1, 2), x)]
+        if batched_experts:
+            ops += [(torch.bmm, a, b) for a, b in triples]
+        else:
+            ops += [(torch.mm, a[e], b[e]) for a, b in triples for e in range(E)]
 
     def step():
-        for a, b in ops:
-            torch.mm(a, b)
+        for f, a, b in ops:
+            f(a, b)
 
     return step
 
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         steppers["smoe bf16 autocast"] = smoe_stepper(cfg, dataclasses.replace(tcfg, dtype="bf16"), batch)
     if not args.no_hf:
         steppers["transformers Mixtral"] = hf_stepper(cfg, tcfg, batch)
-    steppers["matrix products alone (floor)"] = matmul_floor_stepper(cfg, args.batch * args.seq)
+    steppers["matrix products alone, experts by mm"] = matmul_floor_stepper(cfg, args.batch * args.seq, False)
+    steppers["matrix products alone, experts by bmm"] = matmul_floor_stepper(cfg, args.batch * args.seq, True)
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for step in steppers.values():
         step()  # warmup: allocator, oneDNN primitives
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ratios["smoe tokens/s / transformers tokens/s (target >= 2)"] = (
             med["transformers Mixtral"] / med["smoe"]
         )
-    floor = med["matrix products alone (floor)"]
+    floor = min(med["matrix products alone, experts by mm"], med["matrix products alone, experts by bmm"])
     ratios["smoe step time / matrix-product floor"] = med["smoe"] / floor
     if "transformers Mixtral" in med:
         ratios["highest reachable tokens/s / transformers tokens/s (floor / transformers)"] = (

@@ -63,7 +63,7 @@ def test_cpu_train_tiny_runs(capsys):
     rows = _load("cpu_train").main(["--tiny", "--unfused"])
     assert [r["model"] for r in rows] == [
         "smoe", "smoe dense (equal active)", "smoe, head + loss unfused", "transformers Mixtral",
-        "matrix products alone (floor)",
+        "matrix products alone, experts by mm", "matrix products alone, experts by bmm",
     ]  # fmt: skip
     out = capsys.readouterr().out
     assert "target >= 2" in out and "floor / transformers" in out and "head + loss unfused" in out
