@@ -84,3 +84,10 @@ def test_train_from_upcycled_init(make_hf, tmp_path):
         logits = dense_hf(b.inputs_BT).logits
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), b.targets_BT.reshape(-1)).item()
     assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_upcycle_refuses_one_expert(make_hf, tmp_path, capsys):
+    dense_dir, _ = make_hf(num_local_experts=1)
+    assert upcycle(dense_dir, tmp_path / "x", "--experts", "1", "--top-k", "1") == 2
+    assert "experts must be an integer >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -22,12 +22,26 @@ class Decoder(Protocol):
 
 
 CONTEXT_TOKENS = 3  # prompt tokens decoded in front of the generated ones (for spacing)
+MAX_CONTEXT_TOKENS = 16
+
+
+def _context(tokenizer: Decoder, prompt_ids: Sequence[int]) -> list[int]:
+    """The prompt's last ``CONTEXT_TOKENS`` tokens, or more if they begin inside a character
+    split over byte tokens: Hugging Face's byte-fallback decoder turns a whole run of byte
+    tokens into U+FFFD when the run is not valid UTF-8, so orphan bytes in the context would
+    also garble the reply's first bytes, which join their run."""
+    n = min(CONTEXT_TOKENS, len(prompt_ids))
+    while "\ufffd" in tokenizer.decode(prompt_ids[-n:] if n else []) and n < min(
+        len(prompt_ids), MAX_CONTEXT_TOKENS
+    ):
+        n += 1
+    return list(prompt_ids[-n:]) if n else []
 
 
 class TextStream:
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.context = _context(tokenizer, prompt_ids)
         self.context_text = tokenizer.decode(self.context)
         self.stop = tuple(stop)
         self.ids: list[int] = []

@@ -43,6 +43,10 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self._hf = HFTokenizer.from_file(str(self.path))
+            # Text is text: "</s>" or "[INST]" typed by a user must be encoded as characters,
+            # as SentencePiece does, or a user could end or forge chat turns with control ids.
+            # Control tokens enter the ids only where this class puts them (bos, eos, chat).
+            self._hf.encode_special_tokens = True
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.bos_id = self._hf.token_to_id("<s>")

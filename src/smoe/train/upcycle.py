@@ -26,6 +26,10 @@ def upcycle(
         raise ValueError(
             f"upcycle needs a dense model (num_experts=1), got one with {cfg.num_experts} experts"
         )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
+        raise ValueError(
+            f"upcycle: experts must be an integer >= 2 (one expert is the dense model), got {num_experts!r}"
+        )
     moe_cfg = cfg.replace(num_experts=num_experts, top_k=top_k)  # validates top_k <= num_experts
     with torch.device("meta"):
         model = Transformer(moe_cfg)
