@@ -1,23 +1,40 @@
 """CPU benchmark of one MoE layer: smoe's dispatch engines vs transformers' MixtralSparseMoeBlock
-(its default "grouped_mm" experts and "eager"; "batched_mm" at small T) vs an equal-work floor,
+(its default "grouped_mm" experts and "eager"; "batched_mm" at small T) vs equal-work floors,
 all in one process on the same weights, interleaved, medians of repeats.
 
     python benchmarks/moe_layer.py            # dim 1024, hidden 3584, E 8, k 2, T in 1 16 512 4096
     python benchmarks/moe_layer.py --quick    # tiny shapes, seconds
 
-Floors (no router, no permutation, inputs pre-sliced, plain autograd, same threads, timed
-interleaved with the candidates):
+Timed floors (no router, no permutation, inputs pre-sliced and pre-padded, touched weights
+gathered once outside the timed region, same threads, timed interleaved with the candidates;
+every input leaf's and weight's .grad is reset before each call):
     flop          a dense SwiGLU: T*k rows through ONE expert's weights (same FLOPs, one weight
                   read). The issue's floor for large T.
     touched       each touched expert's SwiGLU on exactly its rows, one product per weight (same
                   work, only the touched experts' weights read).
     touched rows  the same, one matrix-vector product per row (cheaper than a product of few rows
-                  on this CPU build, and always under load; see src/smoe/dispatch/loop_experts.py).
-With backward both touched floors also zero-fill the three dense (E, F, D) weight gradients every
-engine returns for stacked weights. The target floor is the faster touched floor for T < 512
-(reading weights dominates: the issue's "reading only the touched experts' weights") and flop
-from 512 up. Times are whole blocks (router + experts) for smoe's MoE and transformers' block.
-Legend: T tokens, D dim, F hidden, E experts, K chosen experts per token.
+                  on this CPU build; see src/smoe/dispatch/loop_experts.py). T < 512 only.
+    touched bmm   the touched experts' SwiGLU as ONE batched product per weight over their rows
+                  padded to the busiest touched expert: the padded engine's form and its
+                  hand-written backward (src/smoe/dispatch/padded_experts.py), on the touched
+                  experts' weights only.
+With backward the three touched floors also zero-fill the untouched experts' slices of the
+three (E, F, D) weight gradients every engine returns for stacked weights (the touched slices
+are the floors' own weight gradients, written once).
+Computed, not timed:
+    bw est        an ESTIMATE: the bytes that must move divided by a memory bandwidth measured
+                  in this run (median of a large tensor copy, same threads, read + write bytes
+                  counted, the faster of a measurement before and after the runs). Bytes: the
+                  touched experts' weights read once (3*F*D each, in the weights' dtype); with
+                  backward also their gradients written once and the untouched gradient slices
+                  zero-filled. Activations are not counted, nor a second read of the weights
+                  in the backward, so no real engine should reach it.
+The target floor ("auto / target floor") is the LOWEST timed floor at each T, from T = 512 up;
+below it the lowest touched floor (flop reads one expert's weights where a few tokens touch
+several, so it bounds nothing there); the table names it. A candidate faster than it is reported in a warning line: a floor that is beaten is not a
+floor. Times are whole blocks (router + experts) for smoe's MoE and transformers' block.
+Legend: T tokens, D dim, F hidden, E experts, K chosen experts per token, Et touched experts,
+M rows of the busiest touched expert.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import torch
 from smoe.config import ModelConfig
 from smoe.dispatch import ENGINES, choose_engine
 from smoe.dispatch import sorted_engine as sorted_mod
+from smoe.dispatch.grouped_experts import silu_mul_backward
 from smoe.dispatch.reference import swiglu
 from smoe.model.moe import MoE
 
@@ -39,6 +57,35 @@ from smoe.model.moe import MoE
 def swiglu_mv(x_D: torch.Tensor, w1_FD, w2_DF, w3_FD) -> torch.Tensor:
     """One row through one expert with matrix-vector products (the cheapest single-row read)."""
     return torch.mv(w2_DF, torch.nn.functional.silu(torch.mv(w1_FD, x_D)) * torch.mv(w3_FD, x_D))
+
+
+class PaddedFloor(torch.autograd.Function):
+    """The padded engine's products without its padding and unpadding copies: x_EMD (rows
+    already padded per expert) -> o_EMD, three bmm forward, its hand-written backward (which
+    writes each weight gradient once, contiguous; plain autograd of bmm(x, w^T) would copy it
+    into the weight's layout)."""
+
+    @staticmethod
+    def forward(ctx, x_EMD, w1_EFD, w2_EDF, w3_EFD, save: bool):
+        h1_EMF = torch.bmm(x_EMD, w1_EFD.transpose(1, 2))
+        h3_EMF = torch.bmm(x_EMD, w3_EFD.transpose(1, 2))
+        if save:
+            ctx.save_for_backward(x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF)
+            g_EMF = torch.nn.functional.silu(h1_EMF) * h3_EMF
+        else:
+            g_EMF = torch.nn.functional.silu(h1_EMF, inplace=True).mul_(h3_EMF)
+        return torch.bmm(g_EMF, w2_EDF.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, do_EMD):
+        x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF = ctx.saved_tensors
+        do_EMD = do_EMD.contiguous()
+        dh1_EMF, dh3_EMF, g_EMF = silu_mul_backward(h1_EMF, h3_EMF, torch.bmm(do_EMD, w2_EDF))
+        dx_EMD = torch.baddbmm(torch.bmm(dh1_EMF, w1_EFD), dh3_EMF, w3_EFD)
+        dw1 = torch.bmm(dh1_EMF.transpose(1, 2), x_EMD)
+        dw2 = torch.bmm(do_EMD.transpose(1, 2), g_EMF)
+        dw3 = torch.bmm(dh3_EMF.transpose(1, 2), x_EMD)
+        return dx_EMD, dw1, dw2, dw3, None
 
 
 def sorted_grouped_mm(*args):
@@ -74,7 +121,8 @@ def hf_block(moe: MoE, implementation: str):
 
 
 def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
-    """name -> (module or function of x, parameters whose gradients the backward computes)."""
+    """name -> (module or function of x, tensors whose .grad is reset before every call: the
+    parameters, and the floors' pre-sliced input leaves)."""
     T, K = x_BTD.shape[1], moe.gate.top_k
     E = moe.num_experts
     out = {}
@@ -99,7 +147,7 @@ def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
     w1, w2, w3 = (moe.w1.detach().clone(), moe.w2.detach().clone(), moe.w3.detach().clone())
     x_rows = x_BTD[0].repeat_interleave(K, dim=0).detach()
     dense = [w[0].clone().requires_grad_() for w in (w1, w2, w3)]
-    out["floor flop"] = (lambda x: swiglu(x_rows.requires_grad_(x.requires_grad), *dense), dense)
+    out["floor flop"] = (lambda x: swiglu(x_rows.requires_grad_(x.requires_grad), *dense), dense + [x_rows])
     groups, ws = [], []
     for e in range(E):
         token_N = (ids_TK == e).nonzero()[:, 0]
@@ -107,13 +155,18 @@ def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
             we = [w[e].clone().requires_grad_() for w in (w1, w2, w3)]
             groups.append((we, x_BTD[0, token_N].detach().contiguous()))
             ws += we
+    xs = [xe for _, xe in groups]
+
+    def untouched_grads():
+        """The untouched experts' slices of the three (E, F, D) gradients, zero-filled: all
+        that an engine returning stacked gradients must add to the touched experts' gradients
+        (which the floors' own weight leaves receive)."""
+        return [w.new_zeros((E - len(groups),) + w.shape[1:]) for w in (w1, w2, w3)]
 
     def touched(x, by_row: bool):
-        """Each expert on its rows. With gradients, also the three zeroed (E, F, D) gradient
-        tensors that any engine must produce for stacked weights (the per-expert leaves here
-        would not)."""
+        """Each expert on its rows."""
         if x.requires_grad:
-            [torch.zeros(w.shape) for w in (w1, w2, w3)]
+            untouched_grads()
         outs = []
         for we, xe in groups:
             xe.requires_grad_(x.requires_grad)
@@ -123,10 +176,47 @@ def candidates(moe: MoE, x_BTD: torch.Tensor, quick_names: list[str] | None):
                 outs.append(swiglu(xe, *we))
         return outs
 
-    out["floor touched"] = (lambda x: touched(x, by_row=False), ws)
-    if T < 512:  # row by row only where it is the target floor (thousands of rows otherwise)
-        out["floor touched rows"] = (lambda x: touched(x, by_row=True), ws)
+    out["floor touched"] = (lambda x: touched(x, by_row=False), ws + xs)
+    if T < 512:  # row by row only for few rows (thousands of rows otherwise)
+        out["floor touched rows"] = (lambda x: touched(x, by_row=True), ws + xs)
+    # Touched experts' weights gathered once, rows padded to the busiest touched expert.
+    M = max(xe.shape[0] for xe in xs)
+    x_EMD = x_BTD.new_zeros(len(xs), M, x_BTD.shape[2])
+    for i, xe in enumerate(xs):
+        x_EMD[i, : xe.shape[0]] = xe
+    wt = [torch.stack([we[j].detach() for we, _ in groups]).requires_grad_() for j in range(3)]
+
+    def touched_bmm(x):
+        if x.requires_grad:
+            untouched_grads()
+        return PaddedFloor.apply(x_EMD.requires_grad_(x.requires_grad), *wt, torch.is_grad_enabled())
+
+    out["floor touched bmm"] = (touched_bmm, wt + [x_EMD])
     return {n: c for n, c in out.items() if quick_names is None or n in quick_names}
+
+
+def touched_bytes(moe: MoE, x_BTD: torch.Tensor, backward: bool) -> int:
+    """Bytes the bandwidth estimate counts: touched weights read once; with backward also their
+    gradients written once and the untouched gradient slices zero-filled."""
+    with torch.no_grad():
+        ids_TK = moe.gate(x_BTD[0]).expert_ids_TK
+    E, F, D = moe.w1.shape
+    per_expert = 3 * F * D * moe.w1.element_size()
+    touched = int(torch.unique(ids_TK).numel())
+    return per_expert * (touched + (E if backward else 0))
+
+
+def bandwidth(mbytes: int, repeats: int = 7) -> float:
+    """Bytes per second of a large copy (read + write counted), median of ``repeats``."""
+    src = torch.ones(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for r in range(repeats + 1):  # the first warms up (page faults)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if r:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
 def time_once(fn, x_BTD, backward: bool) -> float:
@@ -163,14 +253,27 @@ def bench(moe, T, repeats, backward, names, budget_s: float = 0.0):
             rounds = max(repeats, min(1000, int(budget_s / (time.perf_counter() - t_round))))
         r += 1
     auto = choose_engine(x_BTD[0], torch.empty(T, moe.gate.top_k), moe.num_experts)
-    return {n: statistics.median(t) for n, t in times.items()}, auto, rounds
+    nbytes = touched_bytes(moe, x_BTD, backward)
+    return {n: statistics.median(t) for n, t in times.items()}, auto, rounds, nbytes
 
 
-def target_floor(T: int, med: dict[str, float]) -> float:
-    """The issue's floor: reading only the touched weights for small T, equal FLOPs from 512."""
-    if T >= 512:
-        return med.get("floor flop", float("nan"))
-    return min((med[n] for n in ("floor touched", "floor touched rows") if n in med), default=float("nan"))
+FLOP_FLOOR_FROM_T = 512  # the issue: the equal-FLOP floor "for large T"
+
+
+def target_floor(med: dict[str, float], T: int) -> tuple[str, float]:
+    """The lowest timed floor that does the layer's work: (its name without "floor ", seconds);
+    ("-", nan) if none ran. Below FLOP_FLOOR_FROM_T only the touched floors count (the issue:
+    "reading only the touched experts' weights for small T"); the flop floor reads one expert's
+    weights where T tokens touch several, so it is no floor there."""
+    floors = [
+        (t, n)
+        for n, t in med.items()
+        if n.startswith("floor ") and (T >= FLOP_FLOOR_FROM_T or n.startswith("floor touched"))
+    ]
+    if not floors:
+        return "-", float("nan")
+    t, n = min(floors)
+    return n.removeprefix("floor "), t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,38 +290,60 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--only", nargs="*", help="candidate names to run (default all)")
+    ap.add_argument("--bw-mb", type=int, default=512, help="MB copied to measure memory bandwidth")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     D, F, E, K = (64, 224, 8, 2) if args.quick else (1024, 3584, 8, 2)
     tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 512, 4096])
     moe = build(D, F, E, K)
     load_start = os.getloadavg()
+    bw_start = bandwidth(args.bw_mb)
     rows, rounds_used = [], {}
     for mode in args.modes:
         for T in tokens:
-            med, auto_choice, n_rounds = bench(
+            med, auto_choice, n_rounds, nbytes = bench(
                 moe, T, args.repeats, mode == "fwd+bwd", args.only, args.budget
             )
-            rows.append((mode, T, auto_choice, med))
+            rows.append((mode, T, auto_choice, med, nbytes))
             rounds_used[(mode, T)] = n_rounds
             print(f"{mode} T={T}: " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in med.items()), flush=True)
+    bw_end = bandwidth(args.bw_mb)
+    bw = max(bw_start, bw_end)
     load = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load_start, os.getloadavg()))
     counts = ", ".join(f"{m} T={t}: {n}" for (m, t), n in rounds_used.items())
     print(f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, medians of rounds ({counts})")
-    print(f"load average 1/5/15 min at start/end: {load}\n")
+    print(f"load average 1/5/15 min at start/end: {load}")
+    print(
+        f"copy bandwidth ({args.bw_mb} MB, read + write) at start/end: {bw_start / 1e9:.2f}/"
+        f"{bw_end / 1e9:.2f} GB/s; bw est uses {bw / 1e9:.2f} GB/s (an estimate, not timed)"
+    )
     names = list(rows[0][3])
+    table, warnings = [], []
+    for mode, T, choice, med, nbytes in rows:
+        hf_best = min((t for n, t in med.items() if n.startswith("hf ")), default=float("nan"))
+        floor_name, floor = target_floor(med, T)
+        bw_est = nbytes / bw
+        auto = med.get("smoe auto", float("nan"))
+        cells = " | ".join(f"{1e3 * med[n]:.2f}" if n in med else "-" for n in names)
+        table.append(
+            f"| {mode} | {T} | {choice} | {cells} | {1e3 * bw_est:.2f} | {floor_name} | {1e3 * floor:.2f} "
+            f"| {auto / hf_best:.2f} | {auto / floor:.2f} | {auto / bw_est:.2f} |"
+        )
+        for n, t in med.items():
+            if not n.startswith("floor ") and t < floor:
+                warnings.append(
+                    f"WARNING {mode} T={T}: {n} {1e3 * t:.2f} ms is faster than the target floor "
+                    f"({floor_name}, {1e3 * floor:.2f} ms): a floor that is beaten is not a floor"
+                )
+    print("\n".join([""] + warnings + ([""] if warnings else [])))  # the table comes last
     print(
         "| mode | T | auto runs | "
         + " | ".join(f"{n} ms" for n in names)
-        + " | auto / hf best | auto / floor |"
+        + " | floor bw est ms | target floor | target floor ms | auto / hf best | auto / target floor"
+        + " | auto / bw est |"
     )
-    print("|" + "---|" * (len(names) + 5))
-    for mode, T, choice, med in rows:
-        hf_best = min((t for n, t in med.items() if n.startswith("hf ")), default=float("nan"))
-        floor = target_floor(T, med)
-        auto = med.get("smoe auto", float("nan"))
-        cells = " | ".join(f"{1e3 * med[n]:.2f}" if n in med else "-" for n in names)
-        print(f"| {mode} | {T} | {choice} | {cells} | {auto / hf_best:.2f} | {auto / floor:.2f} |")
+    print("|" + "---|" * (len(names) + 9))
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -76,8 +76,27 @@ def test_moe_layer_quick_runs(capsys):
             ]
         )
     rows = table(capsys.readouterr().out)
-    assert "smoe auto ms" in rows[0] and "floor flop ms" in rows[0]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    for column in (
+        "smoe auto ms",
+        "floor flop ms",
+        "floor touched bmm ms",
+        "floor bw est ms",
+        "target floor",
+    ):
+        assert column in header, column
     assert len(rows) == 2 + 4
+    timed = [i for i, c in enumerate(header) if c.startswith("floor ") and c != "floor bw est ms"]
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # the target floor is the lowest timed floor that applies at this T, and the table names it
+        named = cells[header.index(f"floor {cells[header.index('target floor')]} ms")]
+        assert float(cells[header.index("target floor ms")]) == float(named)
+        T = int(cells[header.index("T")])
+        applies = [
+            i for i in timed if cells[i] != "-" and (T >= 512 or header[i].startswith("floor touched"))
+        ]
+        assert float(named) == min(float(cells[i]) for i in applies)
 
 
 @pytest.mark.slow
