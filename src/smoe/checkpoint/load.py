@@ -1,9 +1,10 @@
 """Load and save whole models.
 
-Loading builds the model on the meta device, then assigns each parameter straight from the
-memory-mapped file (converted to the target dtype, experts stacked), so peak memory is about
-one copy of the weights. Loading is strict: every parameter must come from the file with the
-shape the config implies, and every tensor in the file must be used.
+Loading builds the model on the meta device, then assigns each parameter from the weight files
+(safetensors read tensor by tensor with positioned reads, ``os.preadv``, see files.py; pickles
+memory-mapped by ``torch.load``), converted to the target dtype and experts stacked, so peak
+memory is about one copy of the weights. Loading is strict: every parameter must come from the
+file with the shape the config implies, and every tensor in the file must be used.
 """
 
 from __future__ import annotations
