@@ -66,8 +66,9 @@ def touch_all_experts(y_MD: torch.Tensor, x_MD: torch.Tensor, *weights: torch.Te
     and the graph reaches x even when no row arrived.
 
     Why: DDP and FSDP reduce gradients in a fixed order and expect every rank to produce a
-    gradient for every parameter; an expert that got no tokens on one rank would otherwise have
-    none there (the reference engine skips it), and the other ranks would wait for it.
+    gradient for every parameter. The experts are stacked, one parameter per weight, so a rank
+    lacks that gradient only when none of its local experts got a row (the engines then never
+    touch the weights), and the other ranks would wait for it.
     Likewise a rank that receives no rows must still run the backward all-to-all.
     """
     zero = sum(w.sum() for w in weights) * 0.0
