@@ -110,3 +110,13 @@ def test_save_into_new_or_unrelated_directory(models, tmp_path):
     assert (tmp_path / "tokenizer.model").read_bytes() == b"spm"
     assert _same(smoe.load_model(tmp_path), new)
     assert _same(smoe.load_model(tmp_path / "fresh" / "nested"), new)
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    from smoe.checkpoint.files import CheckpointError
+
+    target = tmp_path / "afile"
+    target.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        smoe.save_model(smoe.build_model(ModelConfig.preset("tiny").replace(n_layers=1), seed=0), target)
+    assert target.read_text() == "not a checkpoint"

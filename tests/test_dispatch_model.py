@@ -81,6 +81,7 @@ def test_capacity_drops_by_the_switch_rule():
     # Hand-worked in dispatch/capacity.py: choice-major priority, token order within a choice.
     ids_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
     assert expert_capacity(0.5, 4, 2, 2) == 2
+    assert expert_capacity(1.1, 100, 2, 4) == 55  # 55.000000000000007 in floats
     kept_ids, dropped_TK = apply_capacity(ids_TK, num_experts=2, capacity_factor=0.5)
     want = torch.tensor([[False, False], [False, True], [True, True], [False, True]])
     assert torch.equal(dropped_TK, want)

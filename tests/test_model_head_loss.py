@@ -61,9 +61,16 @@ def test_large_logits_stay_finite():
     torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-4)
 
 
-def test_all_ignored_is_nan_like_cross_entropy():
+def test_all_ignored_is_zero_with_zero_gradients():
+    """torch's mean over no targets is NaN with zero gradients; 0 / 0 in the fused loss made
+    the gradients NaN as well, so one all-padding micro-batch poisoned an accumulated step. It is
+    0 with zero gradients, which adds nothing to a step."""
     h, w, t = _inputs(ignored=range(11))
-    assert torch.isnan(linear_cross_entropy(h, w, t)) and torch.isnan(_reference(h, w, t)[0])
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
+    assert torch.isnan(F.cross_entropy(F.linear(h, w), t, ignore_index=-100))  # torch's value
 
 
 def test_bf16_autocast_matches_unfused_autocast():
@@ -99,6 +106,8 @@ def test_bad_inputs_raise():
         linear_cross_entropy(h, w, t, reduction="none")
     with pytest.raises(ValueError, match="float32 but w is torch.float64"):
         linear_cross_entropy(h, w.double(), t)
+    with pytest.raises(ValueError, match="rows must be a positive"):
+        linear_cross_entropy(h, w, t, rows=-1)
 
 
 def test_module_example():

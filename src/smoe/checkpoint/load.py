@@ -178,6 +178,10 @@ def save_model(
     if fmt not in ("hf", "consolidated"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
     cfg, directory = model.config, Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: exists and is not a directory; a checkpoint is saved as a directory"
+        )
     if directory.is_dir():
         check_no_other_layout(directory, fmt)
     directory.mkdir(parents=True, exist_ok=True)

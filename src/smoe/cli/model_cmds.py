@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from smoe.checkpoint import load_config, load_model, parse_dtype, save_model
 from smoe.config import PRESETS, ModelConfig
 from smoe.model import build_model
@@ -24,9 +26,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
 
+def _available_bytes() -> int | None:
+    """Memory this process could still allocate (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def _init(args: argparse.Namespace) -> int:
     cfg = ModelConfig.preset(args.preset)
-    model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
+    dtype = parse_dtype(args.dtype)
+    need = cfg.num_params() * torch.empty((), dtype=dtype).element_size()
+    have = _available_bytes()
+    if have is not None and need > have:  # else the allocation fails deep in torch, or the OOM killer ends us
+        raise ValueError(
+            f"--preset {args.preset} in {dtype} needs {_size(need)} of memory, {_size(have)} are available"
+        )
+    model = build_model(cfg, seed=args.seed, dtype=dtype)
     save_model(model, args.out, fmt=args.format)
     print(f"wrote {args.preset} ({model.num_params() / 1e6:.1f}M parameters) to {args.out}")
     return 0

@@ -22,6 +22,7 @@ passes through the block's residual unchanged.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -29,7 +30,9 @@ from smoe.dispatch.permute import tokens_per_expert
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    """ceil(capacity_factor * T * K / E), in exact arithmetic on the factor as written: in
+    floats 1.1 * 100 * 2 / 4 is 55.000000000000007, whose ceiling would be one slot too many."""
+    return math.ceil(Fraction(repr(capacity_factor)) * num_tokens * top_k / num_experts)
 
 
 def apply_capacity(

@@ -117,7 +117,8 @@ def linear_cross_entropy(
     rows: int | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h_ND, w_VD), targets_N, ignore_index=..., reduction=...)``
-    for reduction "mean" or "sum", computed ``rows`` rows at a time (default: ``chunk_rows``)."""
+    for reduction "mean" or "sum", computed ``rows`` rows at a time (default: ``chunk_rows``).
+    Unlike torch, "mean" over targets that are all ``ignore_index`` is 0, not NaN."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     if (
@@ -137,6 +138,8 @@ def linear_cross_entropy(
         h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
     elif h_ND.dtype != w_VD.dtype:
         raise ValueError(f"linear_cross_entropy: h is {h_ND.dtype} but w is {w_VD.dtype}")
+    if rows is not None and rows < 1:
+        raise ValueError(f"linear_cross_entropy: rows must be a positive chunk size, got {rows}")
     valid_N = targets_N != ignore_index
     t_N = targets_N.masked_fill(~valid_N, 0)
     rows = rows or chunk_rows(w_VD.shape[0], device)
@@ -145,4 +148,7 @@ def linear_cross_entropy(
             total = _LinearCrossEntropy.apply(h_ND.contiguous(), w_VD, t_N, valid_N, rows)
         else:
             total = _loss_sum(h_ND, w_VD, t_N, valid_N, rows)
-    return total / valid_N.sum() if reduction == "mean" else total
+    # clamp: a batch whose targets are all ignored gives a loss of 0 and zero gradients (torch
+    # gives NaN and zero gradients; 0 / 0 here made the gradients NaN too, so one all-padding
+    # micro-batch poisoned a whole accumulated step).
+    return total / valid_N.sum().clamp(min=1) if reduction == "mean" else total
