@@ -171,3 +171,23 @@ def test_corpus_vocabulary_larger_than_the_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocabulary of 64, larger than the model's vocab_size=32"):
         train(tmp_path / "run", small, tcfg(), corpus)
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+@pytest.mark.parametrize("dispatch", ["reference", "auto"])
+def test_library_bf16_step_on_an_unwrapped_model(dispatch):
+    """train_step with dtype="bf16" on a plain model (no loop, so no engine wrapping by the
+    caller): the engines mixed float32 and bf16 under autocast and failed; now the step wraps
+    them and trains like the loop does."""
+    from smoe.model.transformer import build_model
+    from smoe.train.data import Batch
+    from smoe.train.optim import build_optimizer, build_scheduler
+    from smoe.train.precision import BF16Engine
+
+    model = build_model(MODEL.replace(dispatch=dispatch, router_jitter=0.0), seed=0)
+    cfg = tcfg(steps=2, dtype="bf16")
+    opt = build_optimizer(model, cfg)
+    x = torch.randint(0, MODEL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    metrics = step_mod.train_step(model, opt, build_scheduler(opt, cfg), [Batch(x[:, :-1], x[:, 1:])], cfg)
+    assert np.isfinite(metrics["loss"])
+    assert all(isinstance(b.feed_forward.engine, BF16Engine) for b in model.layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -18,6 +18,7 @@ from smoe.model.transformer import Transformer
 from smoe.train.config import TrainConfig
 from smoe.train.data import Batch
 from smoe.train.losses import load_balancing_loss, router_z_loss
+from smoe.train.precision import wrap_engines_for_autocast
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +49,11 @@ class LossParts:
 def forward_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> LossParts:
     """Cross-entropy plus the router losses for one (micro-)batch; padding (mask 0) excluded."""
     inner = unwrap(model)
+    if cfg.dtype == "bf16":
+        # Autocast leaves the engines' index and grouped ops mixing float32 and bf16; the loop
+        # wraps the engines once, and this does it for callers of the library that did not
+        # (idempotent; outside an expert-parallel engine when that is in place).
+        wrap_engines_for_autocast(inner)
     targets_BT = batch.targets_BT
     if batch.mask_BT is not None:
         targets_BT = targets_BT.masked_fill(batch.mask_BT == 0, -100)
