@@ -25,24 +25,25 @@ CONTEXT_TOKENS = 3  # prompt tokens decoded in front of the generated ones (for 
 MAX_CONTEXT_TOKENS = 16
 
 
-def _context(tokenizer: Decoder, prompt_ids: Sequence[int]) -> list[int]:
-    """The prompt's last ``CONTEXT_TOKENS`` tokens, or more if they begin inside a character
-    split over byte tokens: Hugging Face's byte-fallback decoder turns a whole run of byte
-    tokens into U+FFFD when the run is not valid UTF-8, so orphan bytes in the context would
-    also garble the reply's first bytes, which join their run."""
-    n = min(CONTEXT_TOKENS, len(prompt_ids))
-    while "\ufffd" in tokenizer.decode(prompt_ids[-n:] if n else []) and n < min(
-        len(prompt_ids), MAX_CONTEXT_TOKENS
-    ):
+def _context(tokenizer: Decoder, prompt_ids: Sequence[int]) -> tuple[list[int], str]:
+    """The prompt's last ``CONTEXT_TOKENS`` tokens and their text, or more tokens if those begin
+    inside a character split over byte tokens: Hugging Face's byte-fallback decoder turns a
+    whole run of byte tokens into U+FFFD when the run is not valid UTF-8, so orphan bytes in the
+    context would also garble the reply's first bytes, which join their run."""
+    ids = list(prompt_ids)
+    n, most = min(CONTEXT_TOKENS, len(ids)), min(len(ids), MAX_CONTEXT_TOKENS)
+    while True:
+        context = ids[len(ids) - n :]
+        text = tokenizer.decode(context)
+        if "\ufffd" not in text or n >= most:
+            return context, text
         n += 1
-    return list(prompt_ids[-n:]) if n else []
 
 
 class TextStream:
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.context = _context(tokenizer, prompt_ids)
-        self.context_text = tokenizer.decode(self.context)
+        self.context, self.context_text = _context(tokenizer, prompt_ids)
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""  # the full text so far (may end in a held-back tail)
