@@ -151,3 +151,26 @@ def test_repeated_backward_accumulates():
     loss.backward()
     torch.testing.assert_close(w.grad, 3 * ref_gw)
     torch.testing.assert_close(h.grad, 3 * ref_gh)
+
+
+@pytest.mark.parametrize("gap", [80.0, 95.0, 200.0])
+def test_target_far_below_the_others_keeps_an_exact_loss(gap):
+    """On CPU the loss is -log of the softmax's target entry; where that probability leaves
+    float32's normal range (gap ~87 and more; 0 at 200, which made the loss inf) the row is
+    recomputed from its logits with a log-sum-exp."""
+    D, V = 4, 6
+    h = torch.zeros(3, D)
+    h[:, 0] = 1.0
+    w = torch.zeros(V, D)
+    w[:, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0, -gap, 0.5])  # logits = this column
+    t = torch.tensor([4, 1, 4])  # rows 0 and 2 target the logit far below the others
+    h, w = h.requires_grad_(), w.requires_grad_()
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), t)
+    loss = linear_cross_entropy(h, w, t, rows=2)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, rows=2).double(), ref, rtol=1e-6, atol=0)
+    (gh,) = torch.autograd.grad(loss, h)
+    (ref_gh,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t), h)
+    torch.testing.assert_close(gh, ref_gh)
