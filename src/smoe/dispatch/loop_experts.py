@@ -63,7 +63,7 @@ class LoopExperts(torch.autograd.Function):
         for e, s, t in _segments(counts):
             _rows_times_wt(x_AD[s:t], w1_EFD[e], h1_AF[s:t])
             _rows_times_wt(x_AD[s:t], w3_EFD[e], h3_AF[s:t])
-        g_AF = F.silu(h1_AF) * h3_AF
+        g_AF = F.silu(h1_AF).mul_(h3_AF)
         for e, s, t in _segments(counts):
             _rows_times_wt(g_AF[s:t], w2_EDF[e], o_AD[s:t])
         ctx.save_for_backward(x_AD, w1_EFD, w2_EDF, w3_EFD, h1_AF, h3_AF)

@@ -63,7 +63,7 @@ class PaddedExperts(torch.autograd.Function):
         h1_EMF = torch.bmm(x_EMD, w1_EFD.transpose(1, 2))
         h3_EMF = torch.bmm(x_EMD, w3_EFD.transpose(1, 2))
         if save:
-            g_EMF = F.silu(h1_EMF) * h3_EMF
+            g_EMF = F.silu(h1_EMF).mul_(h3_EMF)
             ctx.save_for_backward(x_EMD, w1_EFD, w2_EDF, w3_EFD, h1_EMF, h3_EMF, slot_EM, pos_R)
             ctx.n = n
         else:  # no backward: silu * h3 in place, two fewer (E, M, F) tensors
