@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from smoe.config import ModelConfig  # noqa: E402
+from smoe.malloc import keep_freed_memory  # noqa: E402
 from smoe.model.transformer import build_model  # noqa: E402
 from smoe.train.config import TrainConfig  # noqa: E402
 from smoe.train.data import Batch  # noqa: E402
@@ -153,8 +154,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--unfused", action="store_true", help="also time smoe with the head and cross-entropy unfused"
     )
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (smoke test)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for every model (smoe.malloc; what the smoe command does)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and keep_freed_memory()
+    if args.keep_freed_memory and not kept:
+        raise SystemExit("--keep-freed-memory: this C library does not take glibc's malloc settings")
     if args.tiny:
         cfg = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=128,
                           max_seq_len=64, num_experts=4, top_k=2)  # fmt: skip
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"\nconfig: {args.preset if not args.tiny else 'tiny-test'} ({cfg.num_params() / 1e6:.1f}M params, "
         f"{cfg.num_params(active=True) / 1e6:.1f}M active), dense twin hidden_dim={dense.hidden_dim} "
         f"({dense.num_params() / 1e6:.1f}M), batch {args.batch}x{args.seq}, fp32, {args.threads} threads, "
-        f"dispatch={args.dispatch}, {args.steps} timed steps each, interleaved\n"
+        f"dispatch={args.dispatch}, {args.steps} timed steps each, interleaved, "
+        f"{'glibc keeps freed memory (--keep-freed-memory)' if kept else 'default allocator settings'}\n"
     )
     dense_key = "smoe dense (equal active)"
     print("| model | median step (s) | tokens/s |")

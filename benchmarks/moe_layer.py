@@ -51,6 +51,7 @@ from smoe.dispatch import ENGINES, choose_engine
 from smoe.dispatch import sorted_engine as sorted_mod
 from smoe.dispatch.grouped_experts import silu_mul_backward
 from smoe.dispatch.reference import swiglu
+from smoe.malloc import keep_freed_memory
 from smoe.model.moe import MoE
 
 
@@ -291,8 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--only", nargs="*", help="candidate names to run (default all)")
     ap.add_argument("--bw-mb", type=int, default=512, help="MB copied to measure memory bandwidth")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for every candidate (smoe.malloc; what the smoe command does)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and keep_freed_memory()
+    if args.keep_freed_memory and not kept:
+        raise SystemExit("--keep-freed-memory: this C library does not take glibc's malloc settings")
     D, F, E, K = (64, 224, 8, 2) if args.quick else (1024, 3584, 8, 2)
     tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 512, 4096])
     moe = build(D, F, E, K)
@@ -311,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     bw = max(bw_start, bw_end)
     load = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load_start, os.getloadavg()))
     counts = ", ".join(f"{m} T={t}: {n}" for (m, t), n in rounds_used.items())
-    print(f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, medians of rounds ({counts})")
+    allocator = "glibc keeps freed memory (--keep-freed-memory)" if kept else "default allocator settings"
+    print(
+        f"\nD={D} F={F} E={E} K={K}, float32, {args.threads} threads, {allocator}, medians of rounds ({counts})"
+    )
     print(f"load average 1/5/15 min at start/end: {load}")
     print(
         f"copy bandwidth ({args.bw_mb} MB, read + write) at start/end: {bw_start / 1e9:.2f}/"

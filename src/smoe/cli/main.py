@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from smoe.malloc import keep_freed_memory
 
 # One module per command family; add a line here when a new one lands.
 COMMAND_MODULES = [
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("SMOE_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()  # large CPU tensors without fresh page faults each step (smoe/malloc.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
