@@ -6,7 +6,7 @@ sizes freed, up to 32 MB) with a fresh ``mmap`` and unmaps it on free, and trims
 free top once it exceeds ``M_TRIM_THRESHOLD``. So a training step's large temporaries (a 64 MB
 logits chunk, 117 MB expert activations at 8192 rows of 3584) come back as fresh pages every
 step, and each first touch is a page fault. On the shared 2-core VM of ``docs/benchmarks.md``
-that costs ~0.45 ms per MB: allocating and filling two 64 MB tensors took 63 ms by default and
+that costs ~0.4 ms per MB: allocating and filling two 64 MB tensors took 63 ms by default and
 6 ms with the settings below; one MoE layer forward+backward at T = 512 (dim 1024, hidden 3584)
 1004 ms against 671 ms, with half the process time spent in the kernel before.
 
