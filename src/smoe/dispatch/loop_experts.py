@@ -51,6 +51,17 @@ def _segments(counts: list[int]):
         start += n
 
 
+def _empty_runs(counts: list[int]):
+    """(first, last + 1) of each run of consecutive experts without rows."""
+    start = None
+    for e, n in enumerate([*counts, 1]):  # the sentinel closes a final run
+        if n == 0 and start is None:
+            start = e
+        elif n and start is not None:
+            yield start, e
+            start = None
+
+
 class LoopExperts(torch.autograd.Function):
     """x_AD (rows sorted by expert, ``counts`` rows per expert, host list) -> o_AD; rows past
     sum(counts) (dropped assignments) come out as zeros."""
@@ -80,13 +91,19 @@ class LoopExperts(torch.autograd.Function):
             _rows_times_wt(do_AD[s:t], w2_EDF[e].t(), dg_AF[s:t])
         dh1_AF, dh3_AF, g_AF = silu_mul_backward(h1_AF, h3_AF, dg_AF)
         dx_AD = torch.zeros_like(x_AD) if ctx.needs_input_grad[0] else None
-        # Experts without rows get zero gradients from one fill of the whole tensor: per-expert
-        # fills are many multi-threaded calls, each with a large fixed cost on the shared VM.
-        alloc = x_AD.new_empty if all(counts) else x_AD.new_zeros
         dws = [
-            alloc(w.shape) if need else None
+            x_AD.new_empty(w.shape) if need else None
             for w, need in zip((w1_EFD, w2_EDF, w3_EFD), ctx.needs_input_grad[1:4])
         ]
+        # Experts without rows get zero gradients: one fill per run of consecutive empty experts
+        # (few calls, each with a large fixed cost on the shared VM), and only their slices: a
+        # fill of the whole tensor, overwritten where experts have rows, wrote 8/6 as many bytes
+        # at T = 1 and made forward+backward 41.5 ms against 35.6 for grouped_mm, which writes
+        # only the empty experts' slices (D 1024, F 3584, E 8).
+        for e0, e1 in _empty_runs(counts):
+            for dw in dws:
+                if dw is not None:
+                    dw[e0:e1].zero_()
         for e, s, t in _segments(counts):
             if dx_AD is not None:
                 tmp_ND = torch.empty_like(dx_AD[s:t])
