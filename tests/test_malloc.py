@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import smoe.cli.main as cli_main
+from smoe import malloc
 from smoe.malloc import _glibc_mallopt, keep_freed_memory
 
 needs_glibc = pytest.mark.skipif(_glibc_mallopt() is None, reason="glibc only")
@@ -62,3 +63,29 @@ def test_the_command_keeps_freed_memory_unless_told_not_to(monkeypatch, tmp_path
     # any command does; this one fails fast
     assert cli_main.main(["info", "--model", str(tmp_path / "missing")]) != 0
     assert len(seen) == calls
+
+
+def _fake_mallopt(max_mmap_threshold, calls):
+    def mallopt(param, value):
+        calls.append((param, value))
+        return int(param != malloc.M_MMAP_THRESHOLD or value <= max_mmap_threshold)
+
+    return mallopt
+
+
+def test_a_glibc_that_caps_the_threshold_gets_32_mb(monkeypatch):
+    calls = []
+    monkeypatch.setattr(malloc, "_glibc_mallopt", lambda: _fake_mallopt(32 << 20, calls))
+    assert keep_freed_memory()
+    assert calls == [
+        (malloc.M_MMAP_THRESHOLD, 1 << 30),  # refused
+        (malloc.M_MMAP_THRESHOLD, 32 << 20),
+        (malloc.M_TRIM_THRESHOLD, (1 << 31) - 1),
+    ]
+
+
+def test_a_refused_threshold_changes_nothing_more(monkeypatch):
+    calls = []
+    monkeypatch.setattr(malloc, "_glibc_mallopt", lambda: _fake_mallopt(0, calls))
+    assert not keep_freed_memory()
+    assert [p for p, _ in calls] == [malloc.M_MMAP_THRESHOLD, malloc.M_MMAP_THRESHOLD]

@@ -174,3 +174,18 @@ def test_target_far_below_the_others_keeps_an_exact_loss(gap):
     (gh,) = torch.autograd.grad(loss, h)
     (ref_gh,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t), h)
     torch.testing.assert_close(gh, ref_gh)
+
+
+def test_one_pass_cpu_softmax_equals_the_five_pass_form():
+    """On CPU the loss takes torch's one-pass softmax; accelerators (and tracing) take the five
+    passes. Both must give the same softmax and losses."""
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(6, 8, generator=g), torch.randn(50, 8, generator=g) * 3
+    t = torch.randint(0, 50, (6,), generator=g)
+    valid = torch.ones(6, dtype=torch.bool)
+    five, one = h @ w.T, h @ w.T
+    loss_five = head_loss._softmax_and_loss_(five, t)
+    loss_one = head_loss._softmax_and_loss_cpu_(one, t, valid, h, w)
+    torch.testing.assert_close(one, five)
+    torch.testing.assert_close(loss_one, loss_five)
+    torch.testing.assert_close(loss_one, F.cross_entropy(h @ w.T, t, reduction="none"))

@@ -12,7 +12,10 @@ that costs ~0.4 ms per MB: allocating and filling two 64 MB tensors took 63 ms b
 
 ``keep_freed_memory`` raises both thresholds: allocations up to ``threshold_bytes`` come from
 the heap, and freed memory stays there for the next step. The price is that the process keeps
-its peak memory until it exits, which a training or generation run reaches anyway. The smoe
+its peak memory until it exits, which a training or generation run reaches anyway. This holds
+for the main thread's heap, where torch's CPU work allocates (CPU backward runs on the calling
+thread); other threads' heaps are at most 64 MB, so their larger blocks stay mappings. glibc
+builds that refuse an mmap threshold above 32 MB get 32 MB. The smoe
 command calls it at start (``SMOE_KEEP_FREED_MEMORY=0`` turns it off); as a library smoe leaves
 the process's allocator alone unless asked.
 """
@@ -53,5 +56,10 @@ def keep_freed_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
-    trim = min(2 * threshold_bytes, _INT_MAX)
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    # Some glibc versions cap the mmap threshold at half their 64 MB heap size.
+    if not (
+        mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+        or mallopt(M_MMAP_THRESHOLD, min(threshold_bytes, 32 << 20))
+    ):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, min(2 * threshold_bytes, _INT_MAX)))

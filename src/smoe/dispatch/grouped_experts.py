@@ -35,12 +35,15 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_backward(h1_XF: torch.Tensor, h3_XF: torch.Tensor, dg_XF: torch.Tensor):
     """Gradients of g = silu(h1) * h3 given dg, and g itself, with two new tensors of h1's size
-    (dg's memory is reused for dh3, so the caller must not need dg afterwards; a fresh large
-    tensor costs its page faults on CPU, ~0.4 ms per MB here).
+    in float32 (three in 16-bit; dg's memory is reused for dh3, so the caller must not need dg
+    afterwards; a fresh large tensor costs its page faults on CPU, ~0.4 ms per MB here).
     d silu(h)/dh = sig * (1 + h - silu) = sig + silu - sig * silu, as sig * h = silu."""
     sig_XF = torch.sigmoid(h1_XF)
     silu_XF = h1_XF * sig_XF
-    dh1_XF = sig_XF.addcmul_(sig_XF, silu_XF, value=-1).add_(silu_XF).mul_(h3_XF).mul_(dg_XF)
+    if h1_XF.dtype == torch.float32:  # in sig's memory
+        dh1_XF = sig_XF.addcmul_(sig_XF, silu_XF, value=-1).add_(silu_XF).mul_(h3_XF).mul_(dg_XF)
+    else:  # 16-bit: the form with fewer roundings (max error 1.3e-2 against 2.1e-2 in bf16)
+        dh1_XF = torch.sub(h1_XF, silu_XF).add_(1).mul_(sig_XF).mul_(h3_XF).mul_(dg_XF)
     dh3_XF = dg_XF.mul_(silu_XF)
     return dh1_XF, dh3_XF, silu_XF.mul_(h3_XF)
 
