@@ -317,7 +317,9 @@ def _train(
                 if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                     val_losses = validate(done)
                     say(f"step {done}: val " + " ".join(f"{d}={v:.3f}" for d, v in val_losses.items()))
-                stop_now = signalled or (stop_after is not None and done >= stop_after)
+                # A stop request on the last step changes nothing: the run is complete (its final
+                # checkpoint, plots and distributed model/ are written as for any finished run).
+                stop_now = done < cfg.steps and (signalled or (stop_after is not None and done >= stop_after))
                 if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or stop_now:
                     save(done)
                     last_saved = done
