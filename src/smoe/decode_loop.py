@@ -83,4 +83,4 @@ class GreedyDecodeLoop:
                 self._graph.replay()
             else:
                 self._step()
-        return self.out_BN[:, : self.max_steps]
+        return self.out_BN[:, : self._steps]

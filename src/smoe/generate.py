@@ -20,6 +20,7 @@ prompt tokens and says so in ``Completion.truncated``.
 
 from __future__ import annotations
 
+import numbers
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -155,6 +156,15 @@ class Generator:
     ) -> tuple[list[list[int]], list[int]]:
         """Token ids per prompt, checked against the vocabulary and the context length, and the
         number of tokens ``truncate`` dropped from each."""
+        if (
+            isinstance(prompts, str)
+            or (isinstance(prompts, torch.Tensor) and prompts.dim() < 2)
+            or any(isinstance(p, numbers.Integral) for p in prompts)
+        ):
+            raise ValueError(
+                "generate: prompts must be a list of prompts (each a string or a list of token ids), "
+                f"got {type(prompts).__name__} {str(prompts)[:40]!r}; wrap a single prompt in a list"
+            )
         if len(prompts) == 0:
             raise ValueError("generate: no prompts given")
         ctx, V = self.config.max_seq_len, self.config.vocab_size
@@ -171,10 +181,15 @@ class Generator:
             budget = ctx - cfg.max_new_tokens
             if len(ids) > budget:
                 if not cfg.truncate or budget < 1:
+                    fix = (
+                        "lower max_new_tokens below max_seq_len (truncate=True needs room for at least one prompt token)"
+                        if cfg.truncate
+                        else "Shorten the prompt, lower max_new_tokens, or pass truncate=True to drop the oldest "
+                        "prompt tokens"
+                    )
                     raise ValueError(
                         f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} that is "
-                        f"{len(ids) + cfg.max_new_tokens} > the model's context max_seq_len={ctx}. Shorten the prompt, "
-                        "lower max_new_tokens, or pass truncate=True to drop the oldest prompt tokens"
+                        f"{len(ids) + cfg.max_new_tokens} > the model's context max_seq_len={ctx}. {fix}"
                     )
                 dropped.append(len(ids) - budget)
                 ids = ids[-budget:]

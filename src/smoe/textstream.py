@@ -81,11 +81,14 @@ class TextStream:
         return delta
 
     def _held_back(self) -> int:
-        text = self.text
-        hold = len(text) - len(text.rstrip("\ufffd"))
+        # A trailing U+FFFD is a character still arriving byte by byte: it may complete a stop
+        # string, so the stop-string prefix is looked for in front of it and held with it.
+        text = self.text.rstrip("\ufffd")
+        pending = len(self.text) - len(text)
+        hold = 0
         for s in self.stop:
             for n in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:n]):
                     hold = max(hold, n)
                     break
-        return hold
+        return pending + hold
