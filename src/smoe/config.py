@@ -155,6 +155,10 @@ class ModelConfig:
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act must be 'silu', got {act!r}")
             moe = model_type == "mixtral"
+            # An absent field takes the default of transformers' MixtralConfig / MistralConfig,
+            # so that a config.json means the same model to both libraries. (Not for
+            # num_key_value_heads, whose default of 8 there suits few shapes; a wrong count
+            # fails on the k_proj shape rather than loading a different model.)
             return cls(
                 dim=dim,
                 n_layers=whole("num_hidden_layers"),
@@ -163,10 +167,10 @@ class ModelConfig:
                 n_heads=n_heads,
                 n_kv_heads=whole("num_key_value_heads", n_heads),
                 vocab_size=whole("vocab_size"),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-5 if moe else 1e-6)),
                 rope_theta=float(rope_theta),
-                sliding_window=hf.get("sliding_window"),
-                max_seq_len=whole("max_position_embeddings", 32768),
+                sliding_window=hf.get("sliding_window", None if moe else 4096),
+                max_seq_len=whole("max_position_embeddings", 131072),
                 num_experts=whole("num_local_experts") if moe else 1,
                 top_k=whole("num_experts_per_tok") if moe else 1,
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -219,7 +223,10 @@ class ModelConfig:
                 n_kv_heads=int(p.get("n_kv_heads") or n_heads),
                 vocab_size=int(p["vocab_size"]),
                 norm_eps=float(p.get("norm_eps", 1e-5)),
-                rope_theta=float(p.get("rope_theta", 1e4)),
+                # Absent: 1e6 for a MoE, as mistral-inference and transformers'
+                # convert_mixtral_weights_to_hf.py assume; 1e4 for a dense Mistral 7B v0.1
+                # (convert_mistral_weights_to_hf.py).
+                rope_theta=float(p.get("rope_theta") or (1e6 if int(moe.get("num_experts", 1)) > 1 else 1e4)),
                 sliding_window=p.get("sliding_window"),
                 max_seq_len=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
                 num_experts=int(moe.get("num_experts", 1)),
@@ -228,6 +235,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # e.g. "norm_eps": null, "moe": [8, 2]
+            raise ConfigError(f"{source}: a field has the wrong type ({e})") from None
 
     def to_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {

@@ -16,6 +16,7 @@ and the ids are concatenated; system messages are joined and prepended to the fi
 from __future__ import annotations
 
 import importlib.resources
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,5 +114,17 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
         for name in ("tokenizer.model", "tokenizer.json"):
             if (p / name).is_file():
                 return Tokenizer(p / name)
+        # Mistral's own downloads (mistral-inference) name the SentencePiece file by version,
+        # e.g. tokenizer.model.v3 for Mixtral-8x22B: its 32768 ids are not v1's, so the
+        # default must not stand in for it.
+        versioned = [f for f in p.glob("tokenizer.model.v*") if f.is_file()]
+        if versioned:
+            return Tokenizer(max(versioned, key=lambda f: [int(n) for n in re.findall(r"\d+", f.name)]))
+        tekken = sorted(f.name for f in p.glob("tekken*.json"))
+        if tekken:
+            raise ValueError(
+                f"{p}: holds a Tekken tokenizer ({tekken[0]}), which smoe cannot read; "
+                "pass a SentencePiece tokenizer.model or a tokenizer.json"
+            )
         return Tokenizer(default_tokenizer_path())
     return Tokenizer(p)

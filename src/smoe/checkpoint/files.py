@@ -55,6 +55,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     table.pop("__metadata__", None)
     data_start = 8 + n
     for key, info in table.items():
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _ST_DTYPES:
+            # Valid safetensors (e.g. an FP8 release, F8_E4M3) that this loader cannot convert.
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has dtype {info['dtype']}, which is not supported "
+                f"(supported: {', '.join(_ST_DTYPES)})"
+            )
         try:
             begin, end = info["data_offsets"]
             dtype = _ST_DTYPES[info["dtype"]]

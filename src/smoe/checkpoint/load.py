@@ -129,7 +129,8 @@ def load_model(
 ) -> Transformer:
     """Load a Hugging Face (``config.json``) or Mistral consolidated (``params.json``) directory.
 
-    ``dtype=None`` keeps float32 unless the checkpoint says bfloat16/float16.
+    ``dtype=None`` keeps float32 unless the checkpoint says bfloat16/float16 (config.json's
+    dtype; for params.json, which has none, the dtype all its weight tensors share).
     """
     directory = Path(path)
     fmt = detect_format(directory)
@@ -144,8 +145,8 @@ def load_model(
     else:
         files, recipes = consolidated_weight_files(directory), consolidated_recipes(cfg)
     tied_head = HEAD_KEYS[fmt] if cfg.tie_embeddings else None
-    target = parse_dtype(dtype) or _checkpoint_dtype(directory, fmt)
     src = TensorSource(files)
+    target = parse_dtype(dtype) or _checkpoint_dtype(directory, fmt, src)
     with torch.device("meta"):
         model = Transformer(cfg)
     state = _materialise(src, recipes, model, target, str(device), tied_head)
@@ -157,9 +158,14 @@ def load_model(
     return model.eval()
 
 
-def _checkpoint_dtype(directory: Path, fmt: str) -> torch.dtype:
+def _checkpoint_dtype(directory: Path, fmt: str, src: TensorSource) -> torch.dtype:
     if fmt != "hf":
-        return torch.float32
+        # Mistral's consolidated releases are bfloat16 and params.json names no dtype: load
+        # them as stored, as the Hugging Face copy of the same model loads, not at twice the size.
+        stored = {src.dtype(k) for k in src.keys() if src.dtype(k).is_floating_point}
+        return (
+            stored.pop() if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16} else torch.float32
+        )
     d = json.loads((directory / "config.json").read_text())
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return DTYPES.get(name, torch.float32)
