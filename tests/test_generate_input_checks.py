@@ -48,3 +48,19 @@ def test_greedy_loop_run_returns_the_steps_so_far(tiny):
     assert loop.run(3).shape == (2, 3)
     out = loop.run(2)
     assert out.shape == (2, 5)
+
+
+def test_seed_near_the_top_of_torch_range_samples_every_row(tiny):
+    """Row b samples with seed + b: a seed of 2**64 - 1 overflowed torch's range for row 1
+    ("Overflow when unpacking long"); it wraps now. Seeds outside torch's range are refused."""
+    gen = Generator(tiny)
+    cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, seed=2**64 - 1, stop_at_eos=False)
+    rows = gen.generate([[1, 5], [1, 7]], cfg)
+    assert [len(r.token_ids) for r in rows] == [3, 3]
+    solo = gen.generate(
+        [[1, 7]], GenerationConfig(max_new_tokens=3, temperature=1.0, seed=0, stop_at_eos=False)
+    )
+    assert rows[1].token_ids == solo[0].token_ids  # row 1's seed wrapped to 0
+    for bad in (2**64, -(2**63) - 1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            GenerationConfig(seed=bad)

@@ -44,7 +44,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # row b samples with seed + b; None draws a fresh seed
+    seed: int | None = None  # row b samples with seed + b (mod 2**64); None draws a fresh seed
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer); not part of the output text
     stop_at_eos: bool = True
     prefill_chunk: int = 512  # prompt tokens per forward while prefilling
@@ -73,6 +73,10 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"generation: stop strings must be non-empty strings, got {self.stop!r}")
         SamplingConfig(self.temperature, self.top_k, self.top_p)  # validates them
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):
+            raise ValueError(f"generation: seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -242,7 +246,8 @@ class Generator:
         gens = None
         if not sampling.greedy:
             seed = secrets.randbits(62) if cfg.seed is None else cfg.seed
-            gens = make_generators([seed + b for b in range(B)], device)
+            # Row b's seed wraps past torch's largest (2**64 - 1) instead of overflowing.
+            gens = make_generators([seed + b - (2**64 if seed + b >= 2**64 else 0) for b in range(B)], device)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else DEFAULT_EOS_ID
         pos_B1 = torch.tensor(lens, device=device).unsqueeze(1)
         done: list[str | None] = [None] * B
