@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -73,6 +74,24 @@ def _catch_signals(flag: _StopFlag):
             signal.signal(s, h)
 
 
+def _records(path: Path, lines: list[str]) -> list[str]:
+    """The log's complete records. A last line that is not JSON was cut mid-write by the crash
+    being resumed from: it is dropped, with a warning. A damaged line before it is an error."""
+    out = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"warning: {path}: dropping its cut-off last line {ln[:60]!r}", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record; the metrics log is damaged") from None
+        out.append(ln)
+    return out
+
+
 class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None):
         self.path = path
@@ -80,7 +99,7 @@ class MetricsLog:
             path.write_text("")
         else:  # resuming: drop what the interrupted run logged after its checkpoint
             lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_until_step]
+            kept = [ln for ln in _records(path, lines) if json.loads(ln)["step"] <= keep_until_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.f = path.open("a")
 
