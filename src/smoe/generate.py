@@ -246,8 +246,9 @@ class Generator:
         gens = None
         if not sampling.greedy:
             seed = secrets.randbits(62) if cfg.seed is None else cfg.seed
-            # Row b's seed wraps past torch's largest (2**64 - 1) instead of overflowing.
-            gens = make_generators([seed + b - (2**64 if seed + b >= 2**64 else 0) for b in range(B)], device)
+            # Row b's seed wraps past torch's largest (2**64 - 1) instead of overflowing; negative
+            # seeds stay as given (torch maps them itself).
+            gens = make_generators([s if s < 2**64 else s - 2**64 for s in range(seed, seed + B)], device)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else DEFAULT_EOS_ID
         pos_B1 = torch.tensor(lens, device=device).unsqueeze(1)
         done: list[str | None] = [None] * B

@@ -162,7 +162,7 @@ def _checkpoint_dtype(directory: Path, fmt: str, src: TensorSource) -> torch.dty
     if fmt != "hf":
         # Mistral's consolidated releases are bfloat16 and params.json names no dtype: load
         # them as stored, as the Hugging Face copy of the same model loads, not at twice the size.
-        stored = {src.dtype(k) for k in src.keys() if src.dtype(k).is_floating_point}
+        stored = {d for d in map(src.dtype, src.keys()) if d.is_floating_point}
         return (
             stored.pop() if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16} else torch.float32
         )

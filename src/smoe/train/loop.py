@@ -74,21 +74,20 @@ def _catch_signals(flag: _StopFlag):
             signal.signal(s, h)
 
 
-def _records(path: Path, lines: list[str]) -> list[str]:
-    """The log's complete records. A last line that is not JSON was cut mid-write by the crash
-    being resumed from: it is dropped, with a warning. A damaged line before it is an error."""
+def _records(path: Path, lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The log's complete records, each with its line. A last line that is not JSON was cut
+    mid-write by the crash being resumed from: it is dropped, with a warning. A damaged line
+    before it is an error."""
     out = []
     for i, ln in enumerate(lines):
         if not ln.strip():
             continue
         try:
-            json.loads(ln)
+            out.append((ln, json.loads(ln)))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                print(f"warning: {path}: dropping its cut-off last line {ln[:60]!r}", file=sys.stderr)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not a JSON record; the metrics log is damaged") from None
-        out.append(ln)
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record; the metrics log is damaged") from None
+            print(f"warning: {path}: dropping its cut-off last line {ln[:60]!r}", file=sys.stderr)
     return out
 
 
@@ -99,7 +98,7 @@ class MetricsLog:
             path.write_text("")
         else:  # resuming: drop what the interrupted run logged after its checkpoint
             lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln in _records(path, lines) if json.loads(ln)["step"] <= keep_until_step]
+            kept = [ln for ln, record in _records(path, lines) if record["step"] <= keep_until_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.f = path.open("a")
 
