@@ -11,6 +11,15 @@ Chat format (Mixtral-Instruct, mistral-common's tokenizer v1)::
 
 Each ``[INST] ... [/INST]`` span and each assistant reply is encoded separately, without BOS,
 and the ids are concatenated; system messages are joined and prepended to the first user turn.
+
+Tokenizers v2 and v3 (``tokenizer.model.v3`` of Mixtral-8x7B-Instruct's newer revisions, Mistral
+v0.3, Mixtral-8x22B) hold ``[INST]`` and ``[/INST]`` as control tokens, one id each, and
+mistral-common writes them with no spaces around, joining the system prompt to the *last* user
+turn instead::
+
+    <s>[INST]▁{user 1}[/INST]▁{assistant 1}</s>[INST]▁{system}\\n\\n{user 2}[/INST]
+
+The format follows the vocabulary: if it has both markers as control tokens, they are used.
 """
 
 from __future__ import annotations
@@ -59,6 +68,19 @@ class Tokenizer:
             self._hf = None
             self.vocab_size = self._sp.vocab_size()
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        inst, end = self.id_of("[INST]"), self.id_of("[/INST]")
+        # None for v1, whose chat markers are plain text.
+        self.inst_ids: tuple[int, int] | None = (inst, end) if inst is not None and end is not None else None
+
+    def id_of(self, control: str) -> int | None:
+        """The id of a control token such as "[INST]", or None if the vocabulary has it only as
+        text (v1 splits it into "▁[", "INST", "]")."""
+        if self._sp is not None:
+            i = self._sp.piece_to_id(control)
+            return i if self._sp.id_to_piece(i) == control and self._sp.is_control(i) else None
+        i = self._hf.token_to_id(control)
+        added = self._hf.get_added_tokens_decoder().get(i) if i is not None else None
+        return i if added is not None and added.special else None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if self._sp is not None:
@@ -92,14 +114,20 @@ class Tokenizer:
         turns = [m for m in msgs if m.role != "system"]
         if not turns or turns[0].role != "user":
             raise ValueError("a chat must start with a user message (after any system messages)")
+        last_user = max(i for i, m in enumerate(turns) if m.role == "user")
+        # v1 prepends the system prompt to the first user turn, v2/v3 to the last.
+        system_turn = 0 if self.inst_ids is None else last_user
         ids = [self.bos_id]
         for i, m in enumerate(turns):
             expected = "user" if i % 2 == 0 else "assistant"
             if m.role != expected:
                 raise ValueError(f"message {i} has role {m.role!r}; roles must alternate user/assistant")
             if m.role == "user":
-                content = f"{system}\n\n{m.content}" if i == 0 and system else m.content
-                ids += self.encode(f"[INST] {content} [/INST]", bos=False)
+                content = f"{system}\n\n{m.content}" if i == system_turn and system else m.content
+                if self.inst_ids is None:
+                    ids += self.encode(f"[INST] {content} [/INST]", bos=False)
+                else:
+                    ids += [self.inst_ids[0], *self.encode(content, bos=False), self.inst_ids[1]]
             else:
                 ids += self.encode(m.content, bos=False) + [self.eos_id]
         return ids

@@ -186,9 +186,12 @@ def hf_weight_files(directory: Path) -> list[Path]:
 
 
 def consolidated_weight_files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("consolidated*.safetensors")) or sorted(directory.glob("consolidated*.pth"))
+    """``consolidated.safetensors`` (or several), else the pickles: mistral-inference names them
+    ``consolidated.00.pth``, the first Mixtral release ``consolidated.00.pt`` ... ``.07.pt``."""
+    pickles = {*directory.glob("consolidated*.pt"), *directory.glob("consolidated*.pth")}
+    files = sorted(directory.glob("consolidated*.safetensors")) or sorted(pickles)
     if not files:
         raise CheckpointError(
-            f"{directory}: no consolidated.safetensors or consolidated.*.pth next to params.json"
+            f"{directory}: no consolidated.safetensors or consolidated.*.pt(h) next to params.json"
         )
     return files

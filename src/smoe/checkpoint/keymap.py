@@ -7,6 +7,17 @@ Hugging Face layout::
 
     layers.0.feed_forward.w1  (8, F, D)  <-  model.layers.0.block_sparse_moe.experts.{0..7}.w1.weight  (F, D) each
 
+Mistral's consolidated layout comes in two versions for MoE layers. mistral-inference stores
+one tensor per expert, like Hugging Face; the first Mixtral-8x7B release (December 2023,
+``consolidated.00.pt`` ...) fused each layer's experts into one tensor per weight, w2 with
+each expert's block transposed (as Hugging Face's convert_mixtral_weights_to_hf.py reads it)::
+
+    layers.0.feed_forward.w1  (E, F, D)  <-  layers.0.block_sparse_moe.w1  (E*F, D)
+    layers.0.feed_forward.w2  (E, D, F)  <-  layers.0.block_sparse_moe.w2  (E*F, D), block e = w2[e].T
+    layers.0.feed_forward.gate.weight    <-  layers.0.block_sparse_moe.gate.weight  (E, D)
+
+Loading picks the version each layer's keys show; saving writes mistral-inference's.
+
 Mistral's consolidated layout differs from Hugging Face's in one more way: its rotary
 embedding rotates interleaved pairs (x0, x1), (x2, x3), ... while Hugging Face (and smoe)
 rotate the two halves of each head. The rows of wq and wk are permuted accordingly, as in
@@ -15,7 +26,7 @@ Hugging Face's own conversion script.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +43,14 @@ class Recipe:
     to_smoe: Callable[[list[torch.Tensor]], torch.Tensor]
     from_smoe: Callable[[torch.Tensor], list[torch.Tensor]]
     stacked: bool = False  # to_smoe is torch.stack over the keys (experts)
+    # The stored shape of each key, given the smoe parameter's shape; None: the same shape,
+    # or for a stacked recipe the shape of one slice.
+    key_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
+
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.key_shape is not None:
+            return self.key_shape(shape)
+        return shape[1:] if self.stacked else shape
 
 
 def _one(key: str) -> Recipe:
@@ -40,6 +59,24 @@ def _one(key: str) -> Recipe:
 
 def _stacked(keys: list[str]) -> Recipe:
     return Recipe(keys, torch.stack, lambda t: [t[e].contiguous() for e in range(t.shape[0])], stacked=True)
+
+
+def _fused_experts(key: str, n_experts: int, transposed: bool) -> Recipe:
+    """All experts of one layer in one (E*F, D) tensor, expert e in rows e*F..(e+1)*F; with
+    ``transposed`` (w2) each block is the transpose of the expert's (D, F) weight."""
+
+    def to_smoe(ts: list[torch.Tensor]) -> torch.Tensor:
+        w_EFD = ts[0].unflatten(0, (n_experts, -1))
+        return w_EFD.transpose(1, 2) if transposed else w_EFD
+
+    def from_smoe(t: torch.Tensor) -> list[torch.Tensor]:
+        w_EFD = t.transpose(1, 2) if transposed else t
+        return [w_EFD.reshape(-1, w_EFD.shape[-1])]
+
+    def key_shape(s: tuple[int, ...]) -> tuple[int, ...]:
+        return (s[0] * s[2], s[1]) if transposed else (s[0] * s[1], s[2])
+
+    return Recipe([key], to_smoe, from_smoe, key_shape=key_shape)
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -87,8 +124,10 @@ def hf_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
     return r
 
 
-def consolidated_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
-    """smoe name -> Recipe over mistral-inference's consolidated key names."""
+def consolidated_recipes(cfg: ModelConfig, stored_keys: Collection[str] = ()) -> dict[str, Recipe]:
+    """smoe name -> Recipe over mistral-inference's consolidated key names, or, for each MoE
+    layer whose fused ``block_sparse_moe.w1`` is among ``stored_keys``, the first Mixtral
+    release's."""
     r: dict[str, Recipe] = {
         "tok_embeddings.weight": _one("tok_embeddings.weight"),
         "norm.weight": _one("norm.weight"),
@@ -103,7 +142,14 @@ def consolidated_recipes(cfg: ModelConfig) -> dict[str, Recipe]:
         r[f"{p}.attention.wk.weight"] = _rotary(f"{p}.attention.wk.weight", cfg.n_kv_heads)
         r[f"{p}.attention.wv.weight"] = _one(f"{p}.attention.wv.weight")
         r[f"{p}.attention.wo.weight"] = _one(f"{p}.attention.wo.weight")
-        if cfg.is_moe:
+        if cfg.is_moe and f"{p}.block_sparse_moe.w1" in stored_keys:
+            moe = f"{p}.block_sparse_moe"
+            r[f"{p}.feed_forward.gate.weight"] = _one(f"{moe}.gate.weight")
+            for w in ("w1", "w2", "w3"):
+                r[f"{p}.feed_forward.{w}"] = _fused_experts(
+                    f"{moe}.{w}", cfg.num_experts, transposed=w == "w2"
+                )
+        elif cfg.is_moe:
             r[f"{p}.feed_forward.gate.weight"] = _one(f"{p}.feed_forward.gate.weight")
             for w in ("w1", "w2", "w3"):
                 keys = [f"{p}.feed_forward.experts.{e}.{w}.weight" for e in range(cfg.num_experts)]

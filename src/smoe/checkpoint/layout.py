@@ -25,14 +25,14 @@ LAYOUT_FILES = {
         "pytorch_model-*-of-*.bin",
         "pytorch_model.bin.index.json",
     ),
-    "consolidated": ("params.json", "consolidated*.safetensors", "consolidated*.pth"),
+    "consolidated": ("params.json", "consolidated*.safetensors", "consolidated*.pt", "consolidated*.pth"),
 }
 
 # Files a save of each layout may replace when it does not write them itself. The HF
 # pickles are left alone: smoe and transformers both take model.safetensors before them.
 REPLACEABLE = {
     "hf": ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"),
-    "consolidated": ("consolidated*.safetensors", "consolidated*.pth"),
+    "consolidated": ("consolidated*.safetensors", "consolidated*.pt", "consolidated*.pth"),
 }
 
 

@@ -82,7 +82,7 @@ def _materialise(
         recipes.items(), desc="loading", unit="tensor", leave=False, disable=len(recipes) < 200
     ):
         want = tuple(expected[name].shape)
-        per_key = want[1:] if len(recipe.keys) > 1 else want
+        per_key = recipe.stored_shape(want)
         for k in recipe.keys:
             if not src.dtype(k).is_floating_point:
                 # Every parameter is floating point; converting integer bytes would load
@@ -140,12 +140,9 @@ def load_model(
         raise CheckpointError(str(e)) from None
     if dispatch is not None:
         cfg = cfg.replace(dispatch=dispatch)
-    if fmt == "hf":
-        files, recipes = hf_weight_files(directory), hf_recipes(cfg)
-    else:
-        files, recipes = consolidated_weight_files(directory), consolidated_recipes(cfg)
+    src = TensorSource(hf_weight_files(directory) if fmt == "hf" else consolidated_weight_files(directory))
+    recipes = hf_recipes(cfg) if fmt == "hf" else consolidated_recipes(cfg, src.keys())
     tied_head = HEAD_KEYS[fmt] if cfg.tie_embeddings else None
-    src = TensorSource(files)
     target = parse_dtype(dtype) or _checkpoint_dtype(directory, fmt, src)
     with torch.device("meta"):
         model = Transformer(cfg)
