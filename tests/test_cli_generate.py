@@ -120,7 +120,31 @@ def test_generate_errors_are_clear(tiny_dir, capsys, extra, match):
 def test_small_vocab_checkpoint_rejected(make_hf, capsys):
     directory, _ = make_hf()  # vocab 97 < the tokenizer's 32000
     assert main(["generate", "--model", str(directory), "--prompt", "x"]) == 2
-    assert "vocab_size is 97" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "vocab_size is 97" in err and "tokenizer.model or tokenizer.json" in err
+
+
+def test_padded_vocab_checkpoint_generates(make_hf, capsys):
+    """A vocabulary padded past the tokenizer's 32000 pieces: the padding ids are never sampled
+    (they crashed the detokeniser), even when they score highest."""
+    directory, ref = make_hf(vocab_size=32768)
+    with torch.no_grad():  # padding row 32000 + i scores 10x real id i
+        ref.lm_head.weight[32000:] = 10 * ref.lm_head.weight[:768]
+    ref.save_pretrained(directory)
+    args = [
+        "generate",
+        "--model",
+        str(directory),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]
+    assert main([*args, "--ignore-eos"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "4 tokens in" in captured.err
 
 
 def test_consolidated_checkpoint(tiny_dir, tmp_path, capsys):

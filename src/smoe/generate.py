@@ -130,8 +130,14 @@ class Generator:
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but the model's "
-                f"vocab_size is {self.config.vocab_size}: its ids would not fit the embedding"
+                f"vocab_size is {self.config.vocab_size}: its ids would not fit the embedding. Use the "
+                "tokenizer the model was trained with (put its tokenizer.model or tokenizer.json in the "
+                "checkpoint directory)"
             )
+        # Ids the model may emit. A vocabulary padded past the tokenizer's (e.g. to a multiple of
+        # 128 for faster matmuls) has rows no text maps to: with a tokenizer they are never
+        # sampled (the logits are cut to the tokenizer's ids), since no text could show them.
+        self.n_ids = self.config.vocab_size if tokenizer is None else tokenizer.vocab_size
         self._decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] = self._forward
         on_cuda = model.tok_embeddings.weight.device.type == "cuda"
         if compile:
@@ -182,6 +188,12 @@ class Generator:
                 raise ValueError(
                     f"generate: prompt {i} has token id {bad[0]} outside the model's vocabulary [0, {V})"
                 )
+            bad = [t for t in ids if t >= self.n_ids]
+            if bad:  # a padding row of the model: the tokenizer could not decode the prompt
+                raise ValueError(
+                    f"generate: prompt {i} has token id {bad[0]}, but the tokenizer "
+                    f"{getattr(self.tokenizer, 'path', '')} has only {self.n_ids} pieces (ids 0..{self.n_ids - 1})"
+                )
             budget = ctx - cfg.max_new_tokens
             if len(ids) > budget:
                 if not cfg.truncate or budget < 1:
@@ -204,15 +216,21 @@ class Generator:
             raise ValueError("generate: stop strings need a tokenizer (Generator(model, tokenizer))")
         return out, dropped
 
-    def _get_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def _take_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for one generation, owned by it until ``_give_back``. The idle one is reused
+        when it fits; a generation that starts while another is paused mid-stream (its cache
+        taken) gets a new one, so the two never read each other's keys and values."""
         c, w = self._cache, self.model.tok_embeddings.weight
+        self._cache = None
         # Reuse only a cache the model can still write: ``model.to(dtype or device)`` since the
         # last generation needs a new one.
         if c is not None and (c.batch_size, c.max_len) == (batch_size, max_len) and c.matches(w):
             c.reset()
             return c
-        self._cache = KVCache.for_model(self.model, batch_size, max_len)
-        return self._cache
+        return KVCache.for_model(self.model, batch_size, max_len)
+
+    def _give_back(self, cache: KVCache) -> None:
+        self._cache = cache  # the latest finished generation's cache waits for the next one
 
     # ------------------------------------------------------------------ tokens
     @torch.inference_mode()
@@ -223,7 +241,11 @@ class Generator:
         stop_fn: Callable[[int, int], bool] | None = None,
     ) -> Iterator[TokenStep]:
         """Decode ``prompts`` (checked ids, see ``prepare``) step by step. ``stop_fn(row, token)``
-        is called for every new token of an unfinished row and ends that row when it returns True."""
+        is called for every new token of an unfinished row and ends that row when it returns True.
+
+        Each call holds its own KV cache from its first step to its end, so calls on one
+        Generator may interleave (stream A paused while stream B or ``generate`` runs); when
+        they do not, one cache is reused from call to call."""
         B, lens = len(prompts), [len(p) for p in prompts]
         if cfg.max_new_tokens == 0:
             return
@@ -235,45 +257,48 @@ class Generator:
             tokens_BL[b, L - len(ids) :] = torch.tensor(ids)
             pos_BL[b, L - len(ids) :] = torch.arange(len(ids))
         tokens_BL, pos_BL = tokens_BL.to(device), pos_BL.to(device)
-        cache = self._get_cache(B, L + cfg.max_new_tokens)
-        if isinstance(self._decode_step, fast_decode.FastDecodeStep):
-            self._decode_step.refresh()
-        for s in range(0, L, cfg.prefill_chunk):
-            e = min(L, s + cfg.prefill_chunk)
-            logits_BV = self._forward(tokens_BL[:, s:e], pos_BL[:, s:e], cache)
+        cache = self._take_cache(B, L + cfg.max_new_tokens)
+        try:
+            if isinstance(self._decode_step, fast_decode.FastDecodeStep):
+                self._decode_step.refresh()
+            for s in range(0, L, cfg.prefill_chunk):
+                e = min(L, s + cfg.prefill_chunk)
+                logits_BV = self._forward(tokens_BL[:, s:e], pos_BL[:, s:e], cache)
 
-        sampling = cfg.sampling
-        gens = None
-        if not sampling.greedy:
-            seed = secrets.randbits(62) if cfg.seed is None else cfg.seed
-            # Row b's seed wraps past torch's largest (2**64 - 1) instead of overflowing; negative
-            # seeds stay as given (torch maps them itself).
-            gens = make_generators([s if s < 2**64 else s - 2**64 for s in range(seed, seed + B)], device)
-        eos = self.tokenizer.eos_id if self.tokenizer is not None else DEFAULT_EOS_ID
-        pos_B1 = torch.tensor(lens, device=device).unsqueeze(1)
-        done: list[str | None] = [None] * B
-        next_B = sample(logits_BV, sampling, gens)
-        for step in range(cfg.max_new_tokens):
-            if step > 0:
-                logits_BV = self._decode_step(next_B.unsqueeze(1), pos_B1, cache)
-                pos_B1 = pos_B1 + 1
-                next_B = sample(logits_BV, sampling, gens)
-            ids = next_B.tolist()
-            out: list[int | None] = [None] * B
-            finished: list[str | None] = [None] * B
-            for b, t in enumerate(ids):
-                if done[b]:
-                    continue
-                out[b] = t
-                if cfg.stop_at_eos and t == eos:
-                    done[b] = finished[b] = "eos"
-                elif stop_fn is not None and stop_fn(b, t):
-                    done[b] = finished[b] = "stop"
-                elif step == cfg.max_new_tokens - 1:
-                    done[b] = finished[b] = "length"
-            yield TokenStep(out, finished)
-            if all(done):
-                return
+            sampling = cfg.sampling
+            gens = None
+            if not sampling.greedy:
+                seed = secrets.randbits(62) if cfg.seed is None else cfg.seed
+                # Row b's seed wraps past torch's largest (2**64 - 1) instead of overflowing; negative
+                # seeds stay as given (torch maps them itself).
+                gens = make_generators([s if s < 2**64 else s - 2**64 for s in range(seed, seed + B)], device)
+            eos = self.tokenizer.eos_id if self.tokenizer is not None else DEFAULT_EOS_ID
+            pos_B1 = torch.tensor(lens, device=device).unsqueeze(1)
+            done: list[str | None] = [None] * B
+            next_B = sample(logits_BV[:, : self.n_ids], sampling, gens)
+            for step in range(cfg.max_new_tokens):
+                if step > 0:
+                    logits_BV = self._decode_step(next_B.unsqueeze(1), pos_B1, cache)
+                    pos_B1 = pos_B1 + 1
+                    next_B = sample(logits_BV[:, : self.n_ids], sampling, gens)
+                ids = next_B.tolist()
+                out: list[int | None] = [None] * B
+                finished: list[str | None] = [None] * B
+                for b, t in enumerate(ids):
+                    if done[b]:
+                        continue
+                    out[b] = t
+                    if cfg.stop_at_eos and t == eos:
+                        done[b] = finished[b] = "eos"
+                    elif stop_fn is not None and stop_fn(b, t):
+                        done[b] = finished[b] = "stop"
+                    elif step == cfg.max_new_tokens - 1:
+                        done[b] = finished[b] = "length"
+                yield TokenStep(out, finished)
+                if all(done):
+                    return
+        finally:  # also when the caller stops early (close, garbage collection)
+            self._give_back(cache)
 
     # ------------------------------------------------------------------ text
     def _run_text(
