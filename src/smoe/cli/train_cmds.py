@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="model preset (train settings from flags)")
     src.add_argument("--config", help='run file: {"model": {...}, "train": {...}} (see smoe.train.config)')
-    p.add_argument("--data", help="corpus directory from `smoe data build` (kept in RUN_DIR on --resume)")
+    p.add_argument(
+        "--data",
+        help="corpus directory from `smoe data build` (on --resume: run.json's, or a copy with the same tokens)",
+    )
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plots)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
@@ -144,7 +147,10 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (the group is gone now)
         return 0
     val = " ".join(f"{d}={v:.3f}" for d, v in summary["val"].items())
-    print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s; val loss {val}")
+    if summary.get("finished_from_checkpoint"):
+        print(f"finished {args.out} from its final checkpoint (step {summary['step']}); val loss {val}")
+    else:
+        print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s; val loss {val}")
     print(f"run directory: {args.out} (metrics.jsonl, checkpoints/, plots/)")
     return 0
 

@@ -13,8 +13,10 @@ Validation uses fixed, non-overlapping windows spread evenly over each domain's 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,3 +105,39 @@ def val_batches(
     n_windows = grid if n_batches is None else min(n_batches * batch_size, grid)
     starts = np.round(np.linspace(0, grid - 1, n_windows)).astype(np.int64) * seq_len
     return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]
+
+
+def corpus_fingerprint(corpus: Corpus) -> dict[str, Any]:
+    """What a run records of its corpus, so that ``--resume`` can tell it from another one: the
+    SHA-256 of every domain's train and val tokens (what the sampler and validation read), and
+    the token counts, for messages. The path is left out: a moved or copied corpus is the same.
+
+    Example: ``{"sha256": "9f2c...", "tokens": {"code": {"train": 1260, "val": 252}, ...}}``.
+    """
+    h = hashlib.sha256()
+    tokens: dict[str, dict[str, int]] = {}
+    for d in corpus.domains:
+        for split in ("train", "val"):
+            t = np.ascontiguousarray(corpus.tokens(d, split))  # a memmap: hashed page by page
+            h.update(f"{d}/{split}/{t.dtype}/{len(t)}\n".encode())
+            h.update(t)
+            tokens.setdefault(d, {})[split] = len(t)
+    return {"sha256": h.hexdigest(), "tokens": tokens}
+
+
+def check_same_corpus(run: dict[str, Any], corpus: Corpus, run_file: Path, given: bool) -> None:
+    """Refuse to resume on other tokens than the run started on (``run``: its run.json, read
+    from ``run_file``; ``given``: the corpus came from --data): every later batch would silently
+    differ. Runs from before run.json held the hash are not checked."""
+    if "corpus_sha256" not in run:
+        return
+    now = corpus_fingerprint(corpus)
+    if now["sha256"] == run["corpus_sha256"]:
+        return
+    which = f"--data {corpus.path}" if given else f"the corpus {corpus.path} (from {run_file})"
+    raise ValueError(
+        f"--resume: {which} holds other tokens than the corpus this run started on ({run['corpus']}; "
+        f"tokens per domain and split then {run.get('corpus_tokens')}, now {now['tokens']}). Resuming "
+        "on other data would not continue the run; resume with its corpus, or start a new run from "
+        "its weights (smoe export, then --init)"
+    )

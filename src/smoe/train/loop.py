@@ -3,7 +3,7 @@
 ``RUN_DIR`` after a run::
 
     config.json           model + train config (what --resume reads)
-    run.json              the corpus used
+    run.json              the corpus used: its path, and its tokens' SHA-256 (checked on resume)
     metrics.jsonl         {"kind": "train", "step", "loss", "lr", "tokens_per_s", "imbalance": [per layer], ...}
                           {"kind": "val", "step", "val": {domain: loss}}
     checkpoints/step_*.pt the newest train states (see checkpoint.py)
@@ -42,7 +42,7 @@ from smoe.model.transformer import Transformer, build_model
 from smoe.train import checkpoint as ckpt
 from smoe.train import state as train_state
 from smoe.train.config import TrainConfig, load_run_file, write_run_file
-from smoe.train.data import TrainSampler, val_batches
+from smoe.train.data import TrainSampler, check_same_corpus, corpus_fingerprint, val_batches
 from smoe.train.optim import build_optimizer, build_scheduler
 from smoe.train.precision import wrap_engines_for_autocast
 from smoe.train.step import NonFiniteLossError, eval_loss, imbalance, train_step
@@ -94,12 +94,14 @@ def _records(path: Path, lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
 class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None):
         self.path = path
+        self.val_steps: set[int] = set()  # steps with a validation record
         if keep_until_step is None:
             path.write_text("")
         else:  # resuming: drop what the interrupted run logged after its checkpoint
             lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln, record in _records(path, lines) if record["step"] <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [(ln, r) for ln, r in _records(path, lines) if r["step"] <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln, _ in kept))
+            self.val_steps = {r["step"] for _, r in kept if r.get("kind") == "val"}
         self.f = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -134,9 +136,10 @@ def _prepare(run_dir: Path, model_cfg, train_cfg, corpus_dir, resume: bool):
                 raise ValueError(
                     f"--resume: the given {name} config differs from {config_file}; drop it or use a new --out"
                 )
-        if corpus_dir is None:
-            corpus_dir = json.loads(run_file.read_text())["corpus"]
-        return saved_model, saved_train, _open_corpus(corpus_dir, saved_model)
+        run = json.loads(run_file.read_text())
+        corpus = _open_corpus(corpus_dir if corpus_dir is not None else run["corpus"], saved_model)
+        check_same_corpus(run, corpus, run_file, given=corpus_dir is not None)
+        return saved_model, saved_train, corpus
     if ckpt.list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir}: already holds checkpoints; pass --resume to continue it or choose another --out"
@@ -150,11 +153,19 @@ def _write_run(run_dir: Path, model_cfg, train_cfg, corpus: Corpus) -> None:
     """config.json and run.json of a new run (what ``--resume`` reads back)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_file(run_dir / "config.json", model_cfg, train_cfg)
-    (run_dir / "run.json").write_text(json.dumps({"corpus": str(Path(corpus.path).resolve())}) + "\n")
+    fingerprint = corpus_fingerprint(corpus)
+    run = {
+        "corpus": str(Path(corpus.path).resolve()),
+        "corpus_sha256": fingerprint["sha256"],
+        "corpus_tokens": fingerprint["tokens"],
+    }
+    (run_dir / "run.json").write_text(json.dumps(run) + "\n")
 
 
 class _NoLog:
     """What ranks other than the main one log to."""
+
+    val_steps: frozenset[int] = frozenset()
 
     def write(self, record: dict[str, Any]) -> None:
         pass
@@ -190,8 +201,10 @@ def train(
     init. ``stop_after=N`` saves a checkpoint and stops after step N, as SIGINT/SIGTERM do.
     ``parallel`` is the layout (dp, ep, ddp/fsdp) used when launched by torchrun with more
     than one process; without torchrun it must be the 1 x 1 default. Resuming a run that
-    already reached its last step changes nothing and returns its summary, marked
-    ``already_complete``.
+    already finished changes nothing and returns its summary, marked ``already_complete``; one
+    killed after its final checkpoint but before summary.json gets its validation, plots,
+    model/ and summary from that checkpoint, without a training step (marked
+    ``finished_from_checkpoint``).
     """
     world = _distributed_world(parallel)
     try:
@@ -219,8 +232,8 @@ def _train(
         saved = ckpt.load_checkpoint(path)
         # Refuse another layout first: "already complete" must not hide a wrong command line.
         train_state.check_resumable(saved, path, world, dataclasses.asdict(layout) if layout else None)
-        if saved["step"] >= cfg.steps:
-            return _already_complete(run_dir, saved["step"], cfg.steps, main)
+        if saved["step"] >= cfg.steps and (summary := _final_summary(run_dir, saved["step"])):
+            return _already_complete(run_dir, summary, cfg.steps, main)
     device = torch.device(cfg.device)
     if world > 1:
         device = sd.local_device()
@@ -281,7 +294,8 @@ def _train(
     def validate(step: int) -> dict[str, float]:
         # Every rank evaluates the same batches (expert parallelism needs all ranks in the forward).
         losses = {d: eval_loss(model, batches, cfg) for d, batches in val.items()}
-        log.write({"kind": "val", "step": step, "val": losses})
+        if step not in log.val_steps:  # a run finished on resume may have logged it already
+            log.write({"kind": "val", "step": step, "val": losses})
         return losses
 
     def say(msg: str) -> None:
@@ -298,7 +312,11 @@ def _train(
         dynamic_ncols=True,
     )
     t_start = time.perf_counter()
+    finishing = start >= cfg.steps  # killed after its final checkpoint: the loop below is empty
     try:
+        if finishing:
+            say(f"step {start} of {cfg.steps} was saved, but not the run's results: writing them")
+            val_losses = validate(start)
         with _catch_signals(flag):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
@@ -363,6 +381,8 @@ def _train(
         "params": model_cfg.num_params(),
         "active_params": model_cfg.num_params(active=True),
     }
+    if finishing:
+        summary["finished_from_checkpoint"] = True
     if world > 1:
         summary.update(world_size=world, layout=dataclasses.asdict(layout))
     if not main:
@@ -375,18 +395,24 @@ def _train(
     return summary
 
 
-def _already_complete(run_dir: Path, step: int, steps: int, main: bool) -> dict[str, Any]:
-    """The summary of a run whose newest checkpoint is its last step, which --resume leaves as
-    it is: training on would write an empty validation into summary.json and metrics."""
-    summary_file = run_dir / "summary.json"
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "steps": steps, "stopped": None}
-    if summary_file.is_file():  # absent if the run was killed between its last checkpoint and here
-        summary = json.loads(summary_file.read_text())
+def _final_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """summary.json if it is that of the run finished at ``step``. It is written last, so a run
+    killed after its final checkpoint lacks it, holds one cut mid-write, or still holds the one
+    an earlier stop wrote; then the run's end-of-run work is still to do."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = isinstance(summary, dict) and summary.get("step") == step and summary.get("stopped") is None
+    return summary if done else None
+
+
+def _already_complete(run_dir: Path, summary: dict[str, Any], steps: int, main: bool) -> dict[str, Any]:
+    """The summary of a finished run, which --resume leaves as it is."""
     if main:
-        where = f"{summary_file}, " if summary_file.is_file() else ""
         print(
-            f"{run_dir}: already complete (step {step} of {steps}); nothing to train. "
-            f"Its results: {where}{run_dir / 'metrics.jsonl'}, {run_dir / 'plots'}/"
+            f"{run_dir}: already complete (step {summary['step']} of {steps}); nothing to train. "
+            f"Its results: {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'plots'}/"
         )
     return summary | {"already_complete": True}
 
