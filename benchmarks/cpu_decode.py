@@ -14,8 +14,8 @@ removes prefill and setup, leaving N - 1 decode steps. Each measurement is repea
 median taken; implementations alternate within a repeat so that load on the shared machine
 hits them alike.
 
-    python benchmarks/cpu_decode.py                      # batch 1 and 8, 1 thread
-    python benchmarks/cpu_decode.py --threads 2 --dispatch auto reference
+    python benchmarks/cpu_decode.py                      # batch 1 and 8, torch's default threads
+    python benchmarks/cpu_decode.py --threads 1 --dispatch auto reference
     python benchmarks/cpu_decode.py --dispatch          # only smoe fast and transformers
     python benchmarks/cpu_decode.py --dispatch --dtype bf16
 """
@@ -67,7 +67,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(),
+        help="intra-op threads for both libraries (default: torch's default here, one per core)",
+    )  # fmt: skip
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both libraries")
     ap.add_argument(
         "--dispatch", nargs="*", default=["auto"], help="engines for the model-forward rows (none: skip them)"

@@ -16,6 +16,7 @@ import smoe
 from smoe.cache import KVCache
 from smoe.config import ModelConfig
 from smoe.decode_layout import apply_decode_layout
+from smoe.dispatch import split_rows
 from smoe.fast_decode import FastDecodeStep, supports
 from smoe.generate import GenerationConfig, Generator
 
@@ -265,3 +266,21 @@ def test_cpu_decode_benchmark_runs(monkeypatch, capsys, dtype):
     assert [row.split(" | ")[:2] for row in table[1:]] == [
         ["| smoe fast", "1"], ["| transformers", "1"], ["| smoe fast", "2"], ["| transformers", "2"]
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lens", [LENS, [7]], ids=["3-rows", "1-row"])
+def test_fast_step_on_several_threads_equals_model(make_hf, monkeypatch, lens, threads):
+    """With several threads the head and expert products are cut into one block per thread
+    (smoe.dispatch.split_rows; here down to the smallest weights): hidden 48, dim 32 and vocab
+    96 divide by 2 and 3, so every product splits (the head from 2 rows up uses oneDNN)."""
+    monkeypatch.setattr(split_rows, "SPLIT_MIN_WEIGHT", 0)
+    directory, _ = make_hf(vocab_size=96)
+    model = smoe.load_model(directory)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, got, *_ = _decode_both(model, lens)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)

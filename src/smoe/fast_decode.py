@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from smoe.cache import KVCache
 from smoe.decode_layout import DecodeWeights, apply_decode_layout
+from smoe.dispatch import split_rows
 from smoe.model.layers import causal_mask, rope_cos_sin
 from smoe.model.moe import MoE
 
@@ -185,7 +186,7 @@ class FastDecodeStep:
                 packed = torch.ops.mkldnn._reorder_linear_weight(head_DV.t().contiguous(), B)
                 self._head_packed = (head_DV, version, packed)
             return torch.ops.mkldnn._linear_pointwise(x_BD, self._head_packed[2], None, "none", [], "")
-        return torch.mm(x_BD, self.w.head_DV)
+        return split_rows.rows_times_w(x_BD, self.w.head_DV)  # one row: on every thread
 
     def _route(self, h_BD: torch.Tensor, gate_DE: torch.Tensor | None) -> tuple[list, list]:
         """Host lists: each row's chosen experts (best first) and their weights."""
@@ -206,11 +207,16 @@ class FastDecodeStep:
         """x + the mixture of experts on h (one SwiGLU per chosen expert)."""
         ids, weights = self._route(h_BD, lw.gate_DE)
         F_ = lw.w2_EDF.shape[2]
+        D = x_BD.shape[1]
+        # Products with large experts (not the ``small`` preset's) run on every thread.
         if len(ids) == 1:  # one row: each chosen expert adds straight into the residual
             for e, w in zip(ids[0], weights[0]):
-                h13_1F2 = torch.mm(h_BD, lw.w13_E[e])
+                h13_1F2 = split_rows.rows_times_w(h_BD, lw.w13_E[e])
                 g_1F = F.silu(h13_1F2[:, :F_]).mul_(h13_1F2[:, F_:])
-                x_BD = torch.addmm(x_BD, g_1F, lw.w2t_E[e], alpha=w)
+                if split_rows.blocks(g_1F, D) > 1:
+                    x_BD = torch.add(x_BD, split_rows.rows_times_wt(g_1F, lw.w2_EDF[e]), alpha=w)
+                else:
+                    x_BD = torch.addmm(x_BD, g_1F, lw.w2t_E[e], alpha=w)
             return x_BD
         # Several rows: group the A assignments by expert (a stable host sort keeps token order
         # within an expert), gather the rows once, one up and one down product per chosen
@@ -230,8 +236,11 @@ class FastDecodeStep:
             blocks.append((e, s, s + n))
             s += n
         for e, s, t in blocks:
-            torch.mm(x_AD[s:t], lw.w13_E[e], out=h13_AF2[s:t])
+            split_rows.rows_times_w(x_AD[s:t], lw.w13_E[e], out=h13_AF2[s:t])
         g_AF = F.silu(h13_AF2[:, :F_]).mul_(h13_AF2[:, F_:])
         for e, s, t in blocks:
-            torch.mm(g_AF[s:t], lw.w2t_E[e], out=o_AD[s:t])
+            if split_rows.blocks(g_AF[s:t], D) > 1:
+                split_rows.rows_times_wt(g_AF[s:t], lw.w2_EDF[e], out=o_AD[s:t])
+            else:
+                torch.mm(g_AF[s:t], lw.w2t_E[e], out=o_AD[s:t])
         return x_BD.index_add_(0, row_A, o_AD.mul_(w_A1))

@@ -8,10 +8,11 @@ every expert does) would cost E/K times the memory traffic. Two ways, by device:
 
 - CPU: reading the ids on the host costs nothing (no device to wait for), so loop over the
   experts actually chosen and use views of their weights: no copy at all. Without autograd
-  and with at most E assignments (decoding), a direct loop of matrix-vector products with no
+  and with at most E assignments (decoding), a direct loop over the chosen experts with no
   permutation (``_gather_decode``): at T = 1 the layer is six matrix-vector products of a few
   ms, and the sorted engine's sort, permutations and autograd Functions (about 50 small ops)
-  cost a sizeable fraction of that.
+  cost a sizeable fraction of that. Each product is cut into one block per thread
+  (``split_rows``): a single matrix-vector product would run on one core.
 - accelerators: a host read would stall the stream and break CUDA graphs, so gather the chosen
   experts' weights with ``index_select`` (one copy of K experts per token) and use ``bmm``.
   Fine for a handful of tokens; for many it copies far more than the weights themselves.
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from smoe.dispatch.grouped_experts import needs_grad
-from smoe.dispatch.reference import swiglu
 from smoe.dispatch.sorted_engine import sorted_dispatch
+from smoe.dispatch.split_rows import rows_times_wt
 
 
 def _gather_host_loop(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
@@ -34,7 +35,7 @@ def _gather_host_loop(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -
 
 
 def _gather_decode(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
-    """No autograd: each chosen expert on its tokens, matrix-vector products for single rows."""
+    """No autograd: each chosen expert on its tokens, its products spread over the threads."""
     E, K = w1_EFD.shape[0], expert_ids_TK.shape[1]
     assignments_by_expert: dict[int, list[int]] = {}  # assignment a = token a // K, choice a % K
     for a, e in enumerate(expert_ids_TK.reshape(-1).tolist()):
@@ -45,13 +46,16 @@ def _gather_decode(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> t
     for e, assignments in assignments_by_expert.items():
         if len(assignments) == 1:
             a = assignments[0]
-            x_D = x_TD[a // K]
-            g_F = F.silu(torch.mv(w1_EFD[e], x_D)).mul_(torch.mv(w3_EFD[e], x_D))
-            y_TD[a // K] += torch.mv(w2_EDF[e], g_F).mul_(gate_A[a])
+            x_ND = x_TD[a // K].unsqueeze(0)
         else:
             a_N = torch.tensor(assignments, device=x_TD.device)
             token_N = a_N // K
-            o_ND = swiglu(x_TD.index_select(0, token_N), w1_EFD[e], w2_EDF[e], w3_EFD[e])
+            x_ND = x_TD.index_select(0, token_N)
+        g_NF = F.silu(rows_times_wt(x_ND, w1_EFD[e])).mul_(rows_times_wt(x_ND, w3_EFD[e]))
+        o_ND = rows_times_wt(g_NF, w2_EDF[e])
+        if len(assignments) == 1:
+            y_TD[a // K] += o_ND[0].mul_(gate_A[a])
+        else:
             y_TD.index_add_(0, token_N, o_ND.mul_(gate_A[a_N].unsqueeze(-1)))
     return y_TD
 

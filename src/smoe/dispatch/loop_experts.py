@@ -15,7 +15,10 @@ same as with 32 (12-16 ms for a 3584 x 1024 weight at load ~3, about 40 ms at lo
 the OpenMP threads wait for a descheduled partner), while a single row (matrix-vector) costs
 about 1 ms. On an idle machine the whole product wins from about 4 rows (2 ms vs 2.4 ms for
 4 rows); this path is only taken for skewed routing, where the robust choice is kept. Up to
-ROW_BY_ROW_MAX rows of a large weight we therefore use one matrix-vector product per row. The weight-gradient products (N as the
+ROW_BY_ROW_MAX rows of a large weight we therefore use one matrix-vector product per row,
+unless the product splits into one block per intra-op thread (``split_rows``, faster on a
+quiet machine from 1 row up; a process sharing its cores should run one thread, which also
+turns the split off). The weight-gradient products (N as the
 reduction dimension) do not show the problem and stay whole.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.dispatch import split_rows
 from smoe.dispatch.grouped_experts import silu_mul_backward
 
 ROW_BY_ROW_MAX = 16
@@ -35,7 +39,15 @@ def row_by_row(num_rows: int, w_MK: torch.Tensor) -> bool:
 
 
 def _rows_times_wt(x_ND: torch.Tensor, w_MK: torch.Tensor, out_NM: torch.Tensor) -> None:
-    """out = x @ w^T, row by row when there are few rows (see the module docstring)."""
+    """out = x @ w^T: few rows through a large weight on every thread where the product splits
+    into one block per thread (``split_rows``), else row by row (see the module docstring)."""
+    if split_rows.blocks(x_ND, w_MK.shape[0]) > 1:
+        if w_MK.is_contiguous():
+            split_rows.rows_times_wt(x_ND, w_MK, out=out_NM)
+            return
+        if w_MK.t().is_contiguous():  # the transpose of a stored weight (backward)
+            split_rows.rows_times_w(x_ND, w_MK.t(), out=out_NM)
+            return
     if row_by_row(x_ND.shape[0], w_MK):
         for i in range(x_ND.shape[0]):
             torch.mv(w_MK, x_ND[i], out=out_NM[i])
