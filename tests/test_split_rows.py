@@ -60,7 +60,9 @@ def test_split_blocks_follow_the_rules(threads):
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
-@pytest.mark.parametrize("ids", [[[0, 3]], [[2, 1], [2, 0]], [[1, 4]]], ids=["1-token", "shared-expert", "dropped"])
+@pytest.mark.parametrize(
+    "ids", [[[0, 3]], [[2, 1], [2, 0]], [[1, 4]]], ids=["1-token", "shared-expert", "dropped"]
+)
 def test_gather_decode_on_several_threads_equals_reference(threads, ids):
     """T * K <= E without autograd: the gather engine's decode loop, products split in blocks
     (F = 48 and D = 24 divide by 2 and 3). Id 4 = E marks a dropped assignment."""
@@ -87,7 +89,11 @@ def test_expert_loop_on_several_threads_equals_reference_with_gradients(threads,
     ids_TK = torch.tensor(ids)
     x = torch.randn(ids_TK.shape[0], D, generator=g)
     w = torch.softmax(torch.randn(ids_TK.shape, generator=g), -1)
-    ws = [torch.randn(E, F_, D, generator=g), torch.randn(E, D, F_, generator=g), torch.randn(E, F_, D, generator=g)]
+    ws = [
+        torch.randn(E, F_, D, generator=g),
+        torch.randn(E, D, F_, generator=g),
+        torch.randn(E, F_, D, generator=g),
+    ]
     dy = torch.randn(x.shape, generator=g)
     grads = []
     for engine in (gather_dispatch, reference_dispatch):
