@@ -52,3 +52,32 @@ def make_hf(tmp_path):
         return hf_mixtral(d, **overrides)
 
     return _make
+
+
+def _sentencepiece_as_tokenizer_json(model_file, specials, path):
+    """The SentencePiece model ``model_file`` rebuilt as a Hugging Face ``tokenizer.json`` at
+    ``path`` the way transformers converts it (BPE with byte fallback, "▁" normaliser and
+    decoder), with ``specials`` as special added tokens. Returns ``path``."""
+    import sentencepiece
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.vocab_size())}
+    bpe = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>", fuse_unk=True,
+                     byte_fallback=True)  # fmt: skip
+    t = Tokenizer(bpe)
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    t.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json():
+    """``tokenizer_json(model_file, specials, path)``: see ``_sentencepiece_as_tokenizer_json``."""
+    return _sentencepiece_as_tokenizer_json

@@ -107,28 +107,12 @@ def test_checkpoint_tokenizer_takes_precedence(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mixtral_json(tmp_path_factory):
+def mixtral_json(tmp_path_factory, tokenizer_json):
     """The v1 SentencePiece model rebuilt as a Hugging Face ``tokenizer.json`` the way
-    transformers converts it (BPE with byte fallback, "▁" normaliser and decoder, <unk>/<s>/</s>
-    special): the file transformers 5 saves instead of tokenizer.model."""
-    import sentencepiece
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(default_tokenizer_path()))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.vocab_size())}
-    bpe = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>", fuse_unk=True,
-                     byte_fallback=True)  # fmt: skip
-    t = Tokenizer(bpe)
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
+    transformers converts it (<unk>/<s>/</s> special): the file transformers 5 saves instead of
+    tokenizer.model."""
     path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
-    t.save(str(path))
-    return path
+    return tokenizer_json(default_tokenizer_path(), ("<unk>", "<s>", "</s>"), path)
 
 
 def test_tokenizer_json_encodes_typed_control_tokens_as_text(mixtral_json):

@@ -93,27 +93,10 @@ def test_v1_chat_keeps_text_markers():
     assert ids == [tok.bos_id, *tok.encode("[INST] hi [/INST]", bos=False)]
 
 
-def test_v3_chat_from_tokenizer_json(small_v3, tmp_path):
+def test_v3_chat_from_tokenizer_json(small_v3, tmp_path, tokenizer_json):
     """transformers saves v0.3 models' tokenizer as tokenizer.json, with [INST] and [/INST]
     as special added tokens: the chat ids must not change."""
-    import sentencepiece
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(small_v3))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.vocab_size())}
-    bpe = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>", fuse_unk=True,
-                     byte_fallback=True)  # fmt: skip
-    t = Tokenizer(bpe)
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    t.add_special_tokens(
-        [AddedToken(s, special=True, normalized=False) for s in ["<unk>", "<s>", "</s>", *CONTROL]]
-    )
-    t.save(str(tmp_path / "tokenizer.json"))
+    tokenizer_json(small_v3, ["<unk>", "<s>", "</s>", *CONTROL], tmp_path / "tokenizer.json")
     tok = load_tokenizer(tmp_path)
     assert tok.path.name == "tokenizer.json"
     for chat in CHATS:
