@@ -110,3 +110,28 @@ def test_bad_inputs_fail_loudly():
         load_balancing_loss(_logits(), 2, mask_T=torch.ones(3))
     with pytest.raises(ValueError, match="no tokens"):
         router_z_loss(_logits(), mask_T=torch.zeros(10))
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_balance_with_mask_value_and_gradient_equal_transformers(top_k):
+    """The masked loss and its gradient, pooled over layers and per layer (the mean of
+    transformers' loss on each layer alone), for a bool mask padding the ends of the rows."""
+    logits = [x.requires_grad_() for x in _logits(B=3, S=4, seed=5)]
+    mask_BS = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+
+    def ref_fn(layers):
+        return load_balancing_loss_func(
+            tuple(layers), num_experts=8, top_k=top_k, attention_mask=mask_BS.long()
+        )
+
+    cases = [
+        (load_balancing_loss(logits, top_k, mask_T=mask_BS), ref_fn(logits)),
+        (
+            load_balancing_loss(logits, top_k, mask_T=mask_BS, per_layer=True),
+            torch.stack([ref_fn([x]) for x in logits]).mean(),
+        ),
+    ]
+    for ours, ref in cases:
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(ours, logits), torch.autograd.grad(ref, logits)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -31,8 +31,14 @@ from smoe.dispatch.permute import tokens_per_expert
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """ceil(capacity_factor * T * K / E), in exact arithmetic on the factor as written: in
-    floats 1.1 * 100 * 2 / 4 is 55.000000000000007, whose ceiling would be one slot too many."""
-    return math.ceil(Fraction(repr(capacity_factor)) * num_tokens * top_k / num_experts)
+    floats 1.1 * 100 * 2 / 4 is 55.000000000000007, whose ceiling would be one slot too many.
+    A factor of 0 or below (or not finite) is refused: it would silently drop every assignment."""
+    factor = float(capacity_factor)  # numpy scalars too: repr(np.float64(1.1)) is not a number
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(
+            f"capacity_factor must be a finite number > 0 (None: dropless), got {capacity_factor!r}"
+        )
+    return math.ceil(Fraction(repr(factor)) * num_tokens * top_k / num_experts)
 
 
 def apply_capacity(

@@ -12,6 +12,7 @@ grouped kernels and expert sharding can use them as tensors.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,11 @@ class RouterOutput:
         return tokens_per_expert(self.expert_ids_TK, self.logits_TE.shape[-1])
 
     def dropped_fraction(self) -> torch.Tensor:
-        """Fraction of the T*K assignments dropped by the capacity limit, as a device tensor."""
+        """Fraction of the T*K assignments dropped by the capacity limit, as a device tensor;
+        0 for an empty batch (nothing dropped), not the 0/0 of a mean."""
         if self.dropped_TK is None:
             return self.weights_TK.new_zeros(())
-        return self.dropped_TK.float().mean()
+        return self.dropped_TK.float().sum() / max(self.dropped_TK.numel(), 1)
 
 
 class FeedForward(nn.Module):
@@ -65,13 +67,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        # Router arithmetic in float32 whatever the model dtype, and with autocast off: bf16
+        # training runs under autocast, which would otherwise make this product bf16.
+        x_TD = x_TD.float()
         if self.training and self.jitter > 0:
-            # Switch-style multiplicative jitter on the router input only.
+            # Switch-style multiplicative jitter on the router input only, drawn in float32: in
+            # bf16 a factor within 0.004 of 1 rounds to exactly 1.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        # Router arithmetic in float32 whatever the model dtype.
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        top_logits_TK, expert_ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
-        return RouterOutput(logits_TE, expert_ids_TK, torch.softmax(top_logits_TK, dim=-1))
+        kind = x_TD.device.type
+        no_autocast = (
+            torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+        )  # the meta device (shape checks) has no autocast to switch off
+        with no_autocast:
+            logits_TE = F.linear(x_TD, self.weight.float())
+            top_logits_TK, expert_ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+            weights_TK = torch.softmax(top_logits_TK, dim=-1)
+        return RouterOutput(logits_TE, expert_ids_TK, weights_TK)
 
 
 class MoE(nn.Module):
