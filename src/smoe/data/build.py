@@ -7,7 +7,9 @@ name):
    (generated sources such as math are seed-dependent already and keep their order);
 2. load candidates in that order; normalise each document (``textio.normalise``), skip and count
    bad ones, drop exact duplicates of anything kept earlier in *any* domain, and cut documents
-   longer than ``max_doc_chars`` into pieces at line ends;
+   longer than ``max_doc_chars`` into pieces at line ends; a piece identical to one already kept
+   is dropped too (``pieces_duplicate``), as pieces are the shards' documents and a shared piece
+   could land in train and val;
 3. tokenize in batches and keep pieces until the domain reaches ``max_tokens`` (counting BOS and
    EOS) or ``max_docs`` pieces: the piece that crosses the cap is kept, later ones are not, and
    the manifest records ``capped`` and how many candidates were never read. Per source document
@@ -122,6 +124,7 @@ class _Domain:
         self.source, self.max_tokens, self.max_docs, self.bar = source, max_tokens, max_docs, bar
         self.groups: list[list[list[int]]] = []  # per source document, its pieces' token ids
         self.tokens = self.pieces = self.examined = self.split_docs = self.dropped_at_cap = 0
+        self.duplicate_pieces = 0  # pieces of kept documents identical to a piece stored earlier
         # Source documents (a text or a Skip that a candidate yields; a .jsonl line, a file):
         # documents_in == len(groups) + sum(skipped) + docs_dropped_at_cap.
         self.documents_in = self.docs_dropped_at_cap = 0
@@ -148,15 +151,26 @@ class _Domain:
             if isinstance(ev, Skip):
                 self.skip(ev)
                 continue
-            h, pieces = ev
-            if h in seen:
+            h, pieces, piece_hashes = ev
+            # A piece is a shard document: two documents sharing a max_doc_chars-long stretch
+            # (two versions of one file) would otherwise store it twice, once in train and once in
+            # val. Drop pieces already stored; a document with nothing new is a duplicate.
+            fresh, new = [], set()
+            for n, ph in enumerate(piece_hashes):
+                if ph not in seen and ph not in new:
+                    fresh.append(n)
+                    new.add(ph)
+            if h in seen or not fresh:
                 self.skip(Skip("duplicate", key))
                 continue
             seen.add(h)
+            self.duplicate_pieces += len(pieces) - len(fresh)
+            toks = [toks[n] for n in fresh]
             self.split_docs += len(pieces) > 1
             group: list[list[int]] = []
             self.groups.append(group)
             for n, t in enumerate(toks):
+                seen.add(piece_hashes[fresh[n]])
                 group.append(t)
                 self.pieces += 1
                 self.tokens += len(t) + 2
@@ -184,7 +198,7 @@ def _prepare(source: Source, key: str, max_doc_chars: int) -> tuple[list, list[s
             events.append(Skip("enormous_line", key))
         else:
             pieces = split_long(text, max_doc_chars)
-            events.append((content_hash(text), pieces))
+            events.append((content_hash(text), pieces, [content_hash(p) for p in pieces]))
             texts += pieces
     return events, texts
 
@@ -371,6 +385,7 @@ def build_corpus(
                 capped=dom.full,
                 documents_split_in_pieces=dom.split_docs,
                 pieces_dropped_at_cap=dom.dropped_at_cap,
+                pieces_duplicate=dom.duplicate_pieces,
                 documents_in=dom.documents_in,
                 documents_kept=len(dom.groups),
                 documents_dropped_at_cap=dom.docs_dropped_at_cap,

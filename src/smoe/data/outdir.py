@@ -4,8 +4,9 @@ A build writes everything into ``OUT/.smoe-build-staging/`` and only then swaps 
 (``with replacing(OUT) as staging: ...``):
 
 1. ``check_out`` (before any write): ``OUT`` must be absent, empty, or an earlier corpus, i.e.
-   hold nothing but ``manifest.json``, the in-progress marker, the staging folder and the domain
-   folders that the manifest or marker lists. Anything else means the directory is not ours.
+   hold nothing but a corpus ``manifest.json``, the in-progress marker, the staging folder and
+   the domain folders that the manifest or marker lists, each holding only shard files. Anything
+   else means the directory is not ours.
 2. ``stage``: create ``OUT`` if needed and an empty staging folder in it (a stale one from a
    killed build is removed). Staging inside ``OUT`` rather than beside it needs no write access
    to the parent, keeps a symlinked or mounted ``OUT`` in place, and makes the swap a rename.
@@ -27,11 +28,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from smoe.data.shards import CorpusError
+from smoe.data.shards import FORMAT, SPLITS, CorpusError
 from smoe.data.sources import DOMAIN_NAME
 
 INCOMPLETE = ".smoe-build-incomplete"  # lists the domains of a swap in progress
 STAGING = ".smoe-build-staging"
+_SHARD_FILES = {f"{split}.{ext}" for split in SPLITS for ext in ("bin", "idx")}
 _OLD = ".old"  # inside staging: the previous corpus's folders, deleted after the swap
 
 
@@ -47,7 +49,9 @@ def _listed(out: Path) -> list[str]:
         except (ValueError, OSError):
             old = []
         if isinstance(old, (dict, list)):
-            names |= {n for n in old if isinstance(n, str) and DOMAIN_NAME.match(n) and (out / n).is_dir()}
+            names |= {
+                n for n in old if isinstance(n, str) and DOMAIN_NAME.fullmatch(n) and (out / n).is_dir()
+            }
     return sorted(names)
 
 
@@ -72,16 +76,34 @@ def check_out(out: Path) -> list[str]:
         raise CorpusError(f"{out}: exists and is not a directory")
     if not out.exists():
         return []
+    _check_manifest(out / "manifest.json")
     old = _listed(out)
     foreign = sorted(
         p.name for p in out.iterdir() if p.name not in {"manifest.json", INCOMPLETE, STAGING, *old}
     )
+    # The swap deletes the old domain folders whole, so they too must hold only shards.
+    foreign += sorted(f"{n}/{p.name}" for n in old for p in (out / n).iterdir() if p.name not in _SHARD_FILES)
     if foreign:
         raise CorpusError(
             f"{out}: directory is not empty and holds {', '.join(foreign[:3])}"
             f"{' ...' if len(foreign) > 3 else ''}, which no corpus manifest lists; refusing to write into it"
         )
     return old
+
+
+def _check_manifest(path: Path) -> None:
+    """Refuse a manifest.json that is not a corpus manifest: the swap replaces it, and a web app's
+    or another tool's manifest.json in ``out`` used to be overwritten without a word."""
+    if not path.exists():
+        return
+    try:
+        m = json.loads(path.read_text())
+    except (ValueError, OSError):
+        m = None
+    if not (isinstance(m, dict) and (m.get("format") == FORMAT or isinstance(m.get("domains"), dict))):
+        raise CorpusError(
+            f"{path}: not a corpus manifest (no {FORMAT!r} format or domains); refusing to replace it"
+        )
 
 
 def stage(out: Path) -> Path:

@@ -74,25 +74,44 @@ class Corpus:
         return self.path / domain
 
     def tokens(self, domain: str, split: str = "train") -> np.ndarray:
-        """All tokens of a split, memory-mapped (uint16)."""
+        """All tokens of a split, memory-mapped (uint16), after checking them against the index."""
         d = self._check(domain, split)
-        f = d / f"{split}.bin"
-        if not f.is_file():
-            raise CorpusError(f"{f}: missing shard")
-        if f.stat().st_size == 0:
+        n_tokens = int(self.offsets(domain, split)[-1])
+        if n_tokens == 0:
             return np.zeros(0, dtype=np.uint16)
-        return np.memmap(f, dtype=np.uint16, mode="r")
+        return np.memmap(d / f"{split}.bin", dtype=np.uint16, mode="r", shape=(n_tokens,))
 
     def offsets(self, domain: str, split: str = "train") -> np.ndarray:
-        """Document boundaries: N + 1 int64 offsets."""
+        """Document boundaries: N + 1 int64 offsets, checked against the .bin and the manifest.
+
+        A truncated or mismatched shard would otherwise read as fewer (or shifted) tokens; training
+        reads ``tokens`` alone, so both go through here.
+        """
         d = self._check(domain, split)
-        idx = np.fromfile(d / f"{split}.idx", dtype=np.int64)
-        if idx.size == 0 or idx[0] != 0 or (np.diff(idx) < 0).any():
-            raise CorpusError(f"{d / (split + '.idx')}: malformed document index")
-        n_tokens = (d / f"{split}.bin").stat().st_size // 2
-        if idx[-1] != n_tokens:
+        bin_path, idx_path = d / f"{split}.bin", d / f"{split}.idx"
+        for f in (bin_path, idx_path):
+            if not f.is_file():
+                raise CorpusError(f"{f}: missing shard file")
+        bin_bytes, idx_bytes = bin_path.stat().st_size, idx_path.stat().st_size
+        if bin_bytes % 2:
             raise CorpusError(
-                f"{d / (split + '.idx')}: index ends at {idx[-1]} but the shard has {n_tokens} tokens"
+                f"{bin_path}: {bin_bytes} bytes is not a whole number of uint16 tokens (truncated?)"
+            )
+        if idx_bytes % 8 or idx_bytes == 0:
+            raise CorpusError(
+                f"{idx_path}: {idx_bytes} bytes is not a whole, non-empty int64 index (truncated?)"
+            )
+        idx = np.fromfile(idx_path, dtype=np.int64)
+        if idx[0] != 0 or (np.diff(idx) < 0).any():
+            raise CorpusError(f"{idx_path}: malformed document index")
+        n_tokens = bin_bytes // 2
+        if idx[-1] != n_tokens:
+            raise CorpusError(f"{idx_path}: index ends at {idx[-1]} but the shard has {n_tokens} tokens")
+        want = self.manifest["domains"][domain].get(split)
+        if isinstance(want, dict) and (want.get("documents"), want.get("tokens")) != (idx.size - 1, n_tokens):
+            raise CorpusError(
+                f"{d}: {split} shards hold {idx.size - 1} documents and {n_tokens} tokens, but manifest.json "
+                f"says {want.get('documents')} and {want.get('tokens')}"
             )
         return idx
 

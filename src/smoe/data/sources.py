@@ -33,7 +33,9 @@ from smoe.data import math_gen
 from smoe.data.globwalk import glob_files
 from smoe.data.textio import Skip, read_text, read_user_file
 
-DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a directory name beside manifest.json
+# A directory name beside manifest.json. Test it with fullmatch: "$" also matches before a final
+# "\n", so .match accepted "notes\n" and made a directory of that name.
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # Directory names never searched for code or prose: tests (and their data), caches, installed packages.
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 PROSE_MIN_DOCSTRING_CHARS = 300
@@ -206,13 +208,13 @@ def parse_domain_spec(spec: str) -> tuple[str, str]:
             f"--domain {spec!r}: expected NAME=GLOB, e.g. notes='docs/**/*.md' "
             "(quote the glob so that the shell does not expand it)"
         )
-    if not DOMAIN_NAME.match(name):
+    if not DOMAIN_NAME.fullmatch(name):
         raise ValueError(f"--domain {spec!r}: name {name!r} must match {DOMAIN_NAME.pattern}")
     return name, pattern
 
 
 def user_source(name: str, pattern: str) -> Source:
-    if not DOMAIN_NAME.match(name):
+    if not DOMAIN_NAME.fullmatch(name):
         raise ValueError(f"user domain name {name!r} must match {DOMAIN_NAME.pattern}")
     matches = glob_files(os.path.expanduser(pattern))
     if not matches:

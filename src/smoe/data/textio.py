@@ -97,7 +97,9 @@ def decode(data: bytes, where: str) -> str | Skip:
     if b"\x00" in data:
         return Skip("binary", where)
     try:
-        return data.decode("utf-8")
+        # "-sig": drop a leading byte order mark (Windows editors write one). Kept, it made a
+        # .jsonl file's first line invalid JSON and hid a file's duplicate from dedup.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return Skip("invalid_utf8", where)
 
