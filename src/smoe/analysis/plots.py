@@ -27,12 +27,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label(name: str) -> str:
+    """A domain name as a legend label drawn verbatim: matplotlib leaves labels starting with "_"
+    out of legends (a leading space keeps it) and reads "$...$" as mathtext (which may not parse)."""
+    name = name.replace("$", r"\$")
+    return " " + name if name.startswith("_") else name
+
+
 def _share_bars(ax, shares: dict[str, np.ndarray], E: int, title: str) -> None:
     """Grouped bars: one group per expert, one bar per domain; dashed line at uniform 1/E."""
     n = len(shares)
     width = 0.8 / n
     for i, (name, share_E) in enumerate(shares.items()):
-        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, share_E, width, label=name, color=COLORS[i % 10])
+        ax.bar(
+            np.arange(E) + (i - (n - 1) / 2) * width, share_E, width, label=_label(name), color=COLORS[i % 10]
+        )
     ax.axhline(1.0 / E, color="k", ls="--", lw=1)
     ax.set_xticks(range(E))
     ax.set_title(title, fontsize=10)
@@ -66,7 +75,7 @@ def repeat_plot(stats: dict[str, DomainStats], layers: list[int], E: int, K: int
     for ax, what, chance in ((axes[0], "first", chance_first(E, K)), (axes[1], "any", chance_any(E, K))):
         for i, (name, s) in enumerate(stats.items()):
             y = s.repeat_first() if what == "first" else s.repeat_any()
-            ax.plot(layers, y, "o-", label=name, color=COLORS[i % 10])
+            ax.plot(layers, y, "o-", label=_label(name), color=COLORS[i % 10])
         ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance {chance:.1%}")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -88,8 +97,8 @@ def health_plot(stats: dict[str, DomainStats], layers: list[int], E: int, path: 
     axes[0].set(xlabel="expert", ylabel="layer", title=f"share of assignments (uniform {1 / E:.3f})")
     fig.colorbar(im, ax=axes[0])
     for i, (name, s) in enumerate(stats.items()):
-        axes[1].plot(layers, s.imbalance(), "o-", label=name, color=COLORS[i % 10])
-        axes[2].plot(layers, s.mean_entropy(), "o-", label=name, color=COLORS[i % 10])
+        axes[1].plot(layers, s.imbalance(), "o-", label=_label(name), color=COLORS[i % 10])
+        axes[2].plot(layers, s.mean_entropy(), "o-", label=_label(name), color=COLORS[i % 10])
     for ax in axes[1:]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].axhline(1.0, color="k", ls="--", lw=1)

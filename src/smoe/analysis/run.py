@@ -7,6 +7,7 @@ Legend: N tokens, L analysed layers, K experts chosen per token, E experts.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import shutil
 import time
@@ -107,7 +108,8 @@ def run_analysis(
     domains: name -> documents; each document is a text (encoded with BOS) or a sequence of
         token ids (used as given). Any iterable works (e.g. ``Corpus.documents(d, "val")``), and
         documents are consumed lazily, so memory stays bounded. Empty documents ("" or no ids)
-        are skipped and counted (``empty_documents_skipped`` in routing.json).
+        are skipped and counted (``empty_documents_skipped`` in routing.json); a domain left with
+        no token at all is an error.
     layers: indices into ``model.layers`` (default: every MoE layer).
     max_tokens: cap on the total number of tokens, split evenly over the domains (at least one
         token each); the last document reached is cut there and routing.json / the report say so.
@@ -120,7 +122,8 @@ def run_analysis(
     expected_tokens: total for the progress bar, when the caller knows it (else max_tokens).
     plots: draw the PNGs (a few seconds of matplotlib); without them the report has numbers only.
 
-    Writes ``routing.json`` (schema in docs/routing.md), ``*.png`` and ``report.html``; returns
+    Writes ``routing.json`` (schema in docs/routing.md; an undefined rate, such as the repeat rate
+    of a domain without a consecutive pair, is null), ``*.png`` and ``report.html``; returns
     the routing.json content plus ``"paths"``. The routing recorded is the router's top-k choice
     per token, dropless: a capacity factor of the model is switched off for each forward pass and
     restored afterwards (``record.dropless``), so batching and padding cannot change it.
@@ -136,6 +139,11 @@ def run_analysis(
         raise ValueError(f"layers {layers} must be a non-empty subset of the MoE layers {moe}")
     if not domains:
         raise ValueError("no domains to analyse")
+    for name in domains:  # each domain's records go to out_dir/records/<name>/
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise ValueError(
+                f"domain name {name!r} must be usable as one folder name (no '/', not '.' or '..')"
+            )
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     _positive("seq_len", seq_len)
     if seq_len > cfg.max_seq_len:
@@ -186,6 +194,11 @@ def run_analysis(
                 writer.append(ch)
                 bar.update(N)
             writer.close()
+            if s.tokens == 0:  # every share, rate and plot of it would be 0/0
+                raise ValueError(
+                    f"domain {name!r}: no tokens to analyse ({info[name]['empty_skipped']} empty documents "
+                    "skipped); give it a non-empty document or leave it out"
+                )
     finally:
         bar.close()
         model.train(was_training)
@@ -194,7 +207,7 @@ def run_analysis(
     summary = _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model_name, corpus_name)
     summary["routing"]["model_capacity_factor"] = cfg.capacity_factor
     summary["seconds"] = round(seconds, 3)
-    (out / "routing.json").write_text(json.dumps(summary, indent=1))
+    (out / "routing.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
 
     from smoe.analysis.plots import write_plots
     from smoe.analysis.report import token_view_docs, write_report
@@ -227,7 +240,7 @@ def run_analysis(
 
 
 def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model_name, corpus_name) -> dict:
-    key = lambda a: {str(layer): v for layer, v in zip(layers, a.tolist())}  # noqa: E731
+    key = lambda a: {str(layer): _json_safe(v) for layer, v in zip(layers, a.tolist())}  # noqa: E731
     out: dict[str, Any] = {
         "model": model_name,
         "corpus": corpus_name,
@@ -269,6 +282,14 @@ def _summary(stats, info, layers, E, K, cap, max_tokens, seq_len, overlap, model
             "coselection": key(all_.cosel_LEE),
         }
     return out
+
+
+def _json_safe(v: Any) -> Any:
+    """NaN (an undefined rate, e.g. the repeat rate of a domain without a consecutive pair) as None:
+    NaN and Infinity are not JSON, and JSON.parse, jq and strict parsers reject a file holding them."""
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def load_domain_records(out_dir: str | Path, domain: str) -> dict:

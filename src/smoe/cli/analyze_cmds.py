@@ -93,8 +93,10 @@ def text_files(path: str) -> list[Path]:
 
 
 def _read_text(f: Path) -> str:
+    # Bytes decoded as they are, as `smoe data build` reads text (smoe.data.textio): read_text's
+    # newline translation would drop every "\r" of a Windows file; a leading byte order mark goes.
     try:
-        return f.read_text(encoding="utf-8")
+        return f.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{f}: not UTF-8 text ({e}); analysis input must be UTF-8") from None
 
@@ -123,8 +125,14 @@ def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int 
             for d in corpus.domains:
                 if d in domains:
                     raise ValueError(f"--data {spec}: domain {d!r} is given twice")
+                n = corpus.num_tokens(d, split)
+                if n == 0:  # e.g. a one-document domain, whose document `smoe data build` puts in train
+                    raise ValueError(
+                        f"--data {spec}: domain {d!r} has no tokens in the {split} split"
+                        + (" (try --split train)" if split == "val" else "")
+                    )
                 domains[d] = corpus.documents(d, split)
-                known_total = None if known_total is None else known_total + corpus.num_tokens(d, split)
+                known_total = None if known_total is None else known_total + n
             continue
         if name is None:
             raise ValueError(f"--data {spec}: text domains need a name, as NAME={path}")
@@ -132,6 +140,8 @@ def collect_domains(specs: list[str], split: str) -> tuple[dict, list[str], int 
             raise ValueError(f"--data {spec}: domain {name!r} is given twice")
         files = text_files(path)
         check_utf8(files)
+        if all(f.stat().st_size == 0 for f in files):  # run_analysis would refuse it after loading
+            raise ValueError(f"--data {spec}: all {len(files)} file(s) are empty; the domain has no text")
         domains[name] = read_texts(files)
         labels.append(f"{name}: {len(files)} file(s) from {path}")
         known_total = None
@@ -189,7 +199,7 @@ def _int_list(text: str) -> list[int]:
 
 def summary_table(summary: dict, show: list[int]) -> str:
     """The paper's Table 5 analogue: repeat rates per domain at the first/middle/last layers."""
-    pct = lambda x: f"{100 * x:5.1f}%"  # noqa: E731
+    pct = lambda x: "n/a" if x is None else f"{100 * x:5.1f}%"  # noqa: E731  (None: no pair)
     head = f"{'domain':<16}{'tokens':>10}" + "".join(f"{f'L{x} first':>11}{f'L{x} any':>11}" for x in show)
     lines = [head, "-" * len(head)]
     for name, d in summary["domains"].items():
