@@ -87,3 +87,30 @@ def test_logits_to_keep_matches_transformers(make_hf, keep):
     torch.testing.assert_close(got, full[:, -keep:], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="logits_to_keep"):
         ours(tokens, logits_to_keep=-1)
+
+
+PREFILL_CASES = {
+    # Nemo-style head_dim, one kv head, rope_theta 1e6; chunks not aligned with the window.
+    "headdim-mqa-theta1e6": (dict(head_dim=24, num_key_value_heads=1, sliding_window=5, rope_theta=1e6), [7, 3, 1, 6, 1, 1, 4]),
+    "mha-tied": (dict(num_key_value_heads=4, sliding_window=6, tie_word_embeddings=True), [4, 9, 1, 1, 8]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_chunked_prefill_matches_transformers(make_hf, case, dtype):
+    """Through the rolling cache, in float32 and bfloat16 (both models in bfloat16)."""
+    from smoe.cache import KVCache
+
+    overrides, chunks = PREFILL_CASES[case]
+    directory, ref = make_hf(**overrides)
+    ours, ref = smoe.load_model(directory).to(dtype), ref.to(dtype)
+    tokens = torch.randint(3, 97, (2, sum(chunks)), generator=torch.Generator().manual_seed(4))
+    cache, out, s = KVCache.for_model(ours, 2, 32), [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(ours(tokens[:, s : s + n], torch.arange(s, s + n).expand(2, n), cache))
+            s += n
+        expected = ref(tokens).logits
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(torch.cat(out, dim=1).float(), expected.float(), atol=atol, rtol=0)

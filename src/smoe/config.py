@@ -142,7 +142,16 @@ class ModelConfig:
         try:
             dim, n_heads = whole("hidden_size"), whole("num_attention_heads")
             rope = hf.get("rope_parameters") or {}
-            rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
+            # transformers 5 writes rope_parameters only, v4 a top-level rope_theta; where both
+            # are given transformers reads rope_parameters, so a disagreement is refused rather
+            # than settled differently here.
+            thetas = {float(t) for t in (hf.get("rope_theta"), rope.get("rope_theta")) if t is not None}
+            if len(thetas) > 1:
+                raise ConfigError(
+                    f"{source}: rope_theta ({hf['rope_theta']}) and rope_parameters.rope_theta "
+                    f"({rope['rope_theta']}) disagree"
+                )
+            rope_theta = thetas.pop() if thetas else (1e6 if model_type == "mixtral" else 1e4)
             # transformers 5 writes rope_parameters; v4 configs (e.g. YaRN Mistrals) say
             # rope_scaling, with "type" or "rope_type". Any scaling changes every position's
             # rotation, so loading it as plain RoPE would give a different model.
@@ -151,6 +160,12 @@ class ModelConfig:
                 kind = params.get("rope_type", params.get("type", "default"))
                 if kind != "default":
                     raise ConfigError(f"{source}: {field} of type {kind!r} is not supported (only 'default')")
+                extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+                if extra or float(params.get("partial_rotary_factor") or 1.0) != 1.0:
+                    raise ConfigError(
+                        f"{source}: {field} {params} is not supported (only plain RoPE over the whole head)"
+                    )
+            _refuse_unsupported_hf(hf, source)
             act = hf.get("hidden_act", "silu")
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act must be 'silu', got {act!r}")
@@ -173,10 +188,12 @@ class ModelConfig:
                 max_seq_len=whole("max_position_embeddings", 131072),
                 num_experts=whole("num_local_experts") if moe else 1,
                 top_k=whole("num_experts_per_tok") if moe else 1,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_embeddings=_flag(hf.get("tie_word_embeddings", False), "tie_word_embeddings"),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        except ConfigError as e:  # its own message, not "wrong type"
+            raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
         except (TypeError, ValueError) as e:  # e.g. "rms_norm_eps": null
             raise ConfigError(f"{source}: a field has the wrong type ({e})") from None
 
@@ -212,6 +229,14 @@ class ModelConfig:
     @classmethod
     def from_params(cls, p: dict[str, Any], source: str = "params.json") -> ModelConfig:
         try:
+            unsupported = sorted(k for k in _UNSUPPORTED_PARAMS if p.get(k))
+            if unsupported:
+                raise ConfigError(
+                    f"{unsupported} not supported (they change the model; loading without "
+                    f"them would give different outputs)"
+                )
+            if p.get("model_type", "transformer") != "transformer":
+                raise ConfigError(f"model_type must be 'transformer', got {p['model_type']!r}")
             moe = p.get("moe") or {}
             dim, n_heads = int(p["dim"]), int(p["n_heads"])
             return cls(
@@ -231,7 +256,7 @@ class ModelConfig:
                 max_seq_len=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
                 num_experts=int(moe.get("num_experts", 1)),
                 top_k=int(moe.get("num_experts_per_tok", 1)),
-                tie_embeddings=bool(p.get("tied_embeddings", False)),
+                tie_embeddings=_flag(p.get("tied_embeddings", False), "tied_embeddings"),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
@@ -280,6 +305,37 @@ class ModelConfig:
             except TypeError as e:
                 raise ConfigError(f"{path}: {e}") from None
         return cls.from_params(d, str(path))
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A JSON boolean; "false" or 0 would otherwise turn into True or pass unnoticed."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _refuse_unsupported_hf(hf: dict[str, Any], source: str) -> None:
+    """Refuse config.json features smoe does not implement: ignoring them would load a model
+    whose outputs differ from the checkpoint's (bias terms, quantised weights)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(
+                f"{source}: {key}={hf[key]!r} is not supported (smoe's projections have no bias)"
+            )
+    if hf.get("quantization_config"):
+        method = (
+            hf["quantization_config"].get("quant_method", "?")
+            if isinstance(hf["quantization_config"], dict)
+            else "?"
+        )
+        raise ConfigError(
+            f"{source}: quantized checkpoints (quantization_config, {method!r}) are not supported"
+        )
+
+
+# params.json keys of Mistral releases whose features smoe does not implement (YaRN and Llama-4
+# attention scaling change the rotation/attention, quantized weights, vision encoders, LoRA).
+_UNSUPPORTED_PARAMS = ("yarn", "rope_scaling", "llama_4_scaling", "quantization", "vision_encoder", "lora")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

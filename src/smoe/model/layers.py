@@ -81,6 +81,10 @@ class KVCache(Protocol):
         """Boolean (B, 1, T, S) attention mask for queries at ``pos_BT`` over the cache slots."""
         ...
 
+    def matches(self, x: torch.Tensor) -> bool:
+        """Whether the cache holds keys and values of ``x``'s dtype on ``x``'s device."""
+        ...
+
 
 def masked_gqa_falls_to_math(q_BHTd: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether SDPA would run a masked grouped-query attention of several queries in its math

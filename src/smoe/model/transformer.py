@@ -77,7 +77,18 @@ class Transformer(nn.Module):
         cfg = self.config
         if pos_BT is None:
             pos_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        # Positions are read only where that is free (CPU, not while compiling): on an
+        # accelerator it would sync with the host, and smoe.generate checks there on the host.
+        host_pos = pos_BT.device.type == "cpu" and pos_BT.numel() and not torch.compiler.is_compiling()
+        last = int(pos_BT.max()) if host_pos else T - 1
+        if last >= cfg.max_seq_len:
+            raise ValueError(f"position {last} is past the model's max_seq_len of {cfg.max_seq_len}")
         x_BTD = self.tok_embeddings(tokens_BT)
+        if cache is not None and not cache.matches(x_BTD):
+            raise ValueError(
+                f"the KV cache's dtype or device differs from the model's ({x_BTD.dtype} on "
+                f"{x_BTD.device}); build it with KVCache.for_model(model, ...)"
+            )
         cos, sin = rope_cos_sin(pos_BT, cfg.head_dim, cfg.rope_theta, x_BTD.dtype)
         if cache is not None:
             mask = cache.mask(pos_BT)
