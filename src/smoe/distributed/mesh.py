@@ -16,6 +16,7 @@ sharded over ``dp``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -129,6 +130,16 @@ def build_mesh(cfg: ParallelConfig, num_experts: int, device_type: str | None = 
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (cfg.dp, cfg.ep), mesh_dim_names=("dp", "ep"))
     world = mesh._flatten("world")  # same ranks, one dimension: the dense parameters' group
+    # A dimension smaller than the world gets a new process group, and torch gives a new group
+    # its default timeout (30 min on gloo, 10 on NCCL), not the world group's: a stalled ep peer
+    # would hang the expert all-to-all for half an hour. Every group of the layout gets timeout_s.
+    # torch has no public setter for an existing group's timeout; the private one is in torch
+    # 2.13. Where it is missing the groups keep torch's default.
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        timeout = timedelta(seconds=cfg.timeout_s)
+        for sub in (mesh["dp"], mesh["ep"], world):
+            set_timeout(timeout, sub.get_group())
     return ParallelMesh(cfg, mesh, world)
 
 
