@@ -103,3 +103,15 @@ def test_tiny_temperature_is_greedy(top_k, top_p):
     cfg = SamplingConfig(temperature=1e-45, top_k=top_k, top_p=top_p)
     got = sample(logits, cfg, make_generators(range(4), "cpu"))
     assert torch.equal(got, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("V", [8, 32000])
+def test_top_p_ties_keep_the_lowest_ids(V):
+    """Tied logits across the top-p boundary: the nucleus takes the lowest ids among them (the
+    rule argmax uses), in any batch, not whatever order an unstable sort left them in."""
+    logits_BV = torch.zeros(3, V)
+    logits_BV[1, -1] = 100.0  # a row unlike the others in the same batch
+    kept_BV = ~torch.isinf(filter_logits(logits_BV, 0, 0.5))
+    assert kept_BV[0].nonzero().flatten().tolist() == list(range(V // 2))
+    assert kept_BV[1].nonzero().flatten().tolist() == [V - 1]
+    assert torch.equal(kept_BV[2], kept_BV[0])

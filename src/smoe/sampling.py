@@ -41,14 +41,17 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     """float32 logits with the tokens outside top-k and outside the top-p nucleus set to -inf.
 
     The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
-    (the most likely token is always kept), as in transformers' TopPLogitsWarper.
+    (the most likely token is always kept), as in transformers' TopPLogitsWarper; among tied
+    tokens it takes the lowest ids.
     """
     logits_BV = logits_BV.float()
     if 0 < top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p < 1.0:
-        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        # Stable, so that among tied tokens the nucleus takes the lowest ids (argmax's rule);
+        # an unstable sort leaves ties in an order that depends on the row's length and device.
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True, stable=True)
         cum_BV = sorted_BV.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already reach top_p.
         drop_sorted_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p

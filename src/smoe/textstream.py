@@ -5,6 +5,9 @@ is dropped at the start of a decode, and a multi-byte character split over byte-
 tokens decodes to U+FFFD until its last byte arrives. So each step decodes
 ``context + generated`` (context = the prompt's last tokens) and emits only the new suffix,
 holding back a trailing U+FFFD and any tail that could still grow into a stop string.
+Hugging Face's byte-fallback decoder (tokenizer.json) also rewrites a whole run of byte tokens
+to U+FFFD once a byte of it proves invalid, e.g. ``<0x41>`` "A" then ``<0x80>`` "\ufffd\ufffd", so
+with such a decoder the text of a run of byte tokens is held until a non-byte token ends it.
 
 Example, stop string "\\n\\nUser:" and generated text "Sure.\\n\\nUs": "Sure." is emitted and
 "\\n\\nUs" held back; if the next token makes it "Sure.\\n\\nUser:", the stream ends with text
@@ -13,6 +16,7 @@ Example, stop string "\\n\\nUser:" and generated text "Sure.\\n\\nUs": "Sure." i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -40,6 +44,20 @@ def _context(tokenizer: Decoder, prompt_ids: Sequence[int]) -> tuple[list[int], 
         n += 1
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _rewrites_byte_runs(tokenizer: Decoder) -> bool:
+    """Whether ``decode`` turns a whole byte-token run with an invalid byte into U+FFFD (Hugging
+    Face's ByteFallback: "\U0001d538" + a stray first byte gives five U+FFFD) rather than only
+    the invalid bytes (SentencePiece gives "\U0001d538\ufffd"). False when it cannot tell."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None or not hasattr(tokenizer, "id_to_piece"):
+        return False
+    ids = list(encode("\U0001d538", bos=False))  # four byte tokens where the vocabulary lacks it
+    return "\U0001d538" not in tokenizer.decode(ids + ids[-4:-3])
+
+
 class TextStream:
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -49,6 +67,8 @@ class TextStream:
         self.text = ""  # the full text so far (may end in a held-back tail)
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
+        self._byte_runs_rewrite = _rewrites_byte_runs(tokenizer)
+        self._settled = 0  # characters of ``text`` that no later token can rewrite
 
     def _decode(self) -> str:
         full = self.tokenizer.decode(self.context + self.ids)
@@ -62,12 +82,14 @@ class TextStream:
             raise RuntimeError("TextStream.push after a stop string ended the stream")
         self.ids.append(int(token_id))
         self.text = self._decode()
+        if not (self._byte_runs_rewrite and _BYTE_PIECE.fullmatch(self.tokenizer.id_to_piece(token_id))):
+            self._settled = len(self.text)  # the text before an open run of byte tokens stays as is
         hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
             return self.flush()
-        safe = len(self.text) - self._held_back()
+        safe = min(len(self.text) - self._held_back(), self._settled)
         if safe <= self.emitted:
             return ""
         delta = self.text[self.emitted : safe]

@@ -109,11 +109,22 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        prompt = gen.tokenizer.encode_chat(messages)
+        ctx = gen.config.max_seq_len
+        if len(prompt) + cfg.max_new_tokens > ctx:  # chat never truncates: say so, keep going
+            print(
+                f"smoe chat: with this message the conversation is {len(prompt)} tokens; with "
+                f"--max-new-tokens {cfg.max_new_tokens} that exceeds the model's context of {ctx} tokens. "
+                "Nothing was sent: send a shorter message, /reset to start over, or lower --max-new-tokens",
+                file=sys.stderr,
+            )
+            messages.pop()
+            continue
         results: list[Completion] = []
         t0 = time.perf_counter()
         try:
             started = False
-            for delta in gen.stream(gen.tokenizer.encode_chat(messages), cfg, results):
+            for delta in gen.stream(prompt, cfg, results):
                 if not started:  # the reply's first piece carries a leading space
                     delta = delta.lstrip()
                     started = bool(delta)
@@ -123,7 +134,7 @@ def _chat(args: argparse.Namespace) -> int:
             print("\n[reply interrupted; turn dropped]", file=sys.stderr)
             messages.pop()
             continue
-        except ValueError as e:  # e.g. the conversation outgrew the context
+        except ValueError as e:
             print(f"\nsmoe chat: {e}\n(use /reset to start over)", file=sys.stderr)
             messages.pop()
             continue
