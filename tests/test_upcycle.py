@@ -91,3 +91,52 @@ def test_upcycle_refuses_one_expert(make_hf, tmp_path, capsys):
     assert upcycle(dense_dir, tmp_path / "x", "--experts", "1", "--top-k", "1") == 2
     assert "experts must be an integer >= 2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_upcycle_allocates_the_experts_in_the_dense_dtype(make_hf):
+    """A bfloat16 dense model is upcycled without a float32 copy of the experts: for
+    Mistral-7B into 8 experts that copy alone is 187 GB, twice the bfloat16 result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from smoe.train.upcycle import upcycle as upcycle_model
+
+    class BigFloat32(TorchDispatchMode):
+        def __init__(self, min_numel):
+            super().__init__()
+            self.min_numel, self.seen = min_numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (
+                    isinstance(t, torch.Tensor)
+                    and not t.is_meta
+                    and t.dtype == torch.float32
+                    and t.numel() >= self.min_numel
+                ):
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    dense_dir, _ = make_hf(num_local_experts=1)
+    dense = load_model(dense_dir, dtype=torch.bfloat16)
+    with BigFloat32(min_numel=4 * 48 * 32) as mode:  # one stacked w1_EFD
+        moe = upcycle_model(dense, 4, 2)
+    assert mode.seen == [], mode.seen
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("layout,tied", [("consolidated", False), ("hf", True)])
+def test_upcycled_logits_equal_dense_layouts(make_hf, tmp_path, layout, tied):
+    """A consolidated (params.json) dense input and tied embeddings: transformers' Mixtral on
+    the upcycled checkpoint computes the dense transformers model's logits."""
+    from smoe.checkpoint import save_model
+
+    dense_dir, dense_hf = make_hf(num_local_experts=1, tie_word_embeddings=tied)
+    if layout == "consolidated":
+        save_model(load_model(dense_dir), tmp_path / "cons", fmt="consolidated")
+        dense_dir = tmp_path / "cons"
+    assert upcycle(dense_dir, tmp_path / "moe", "--experts", "4", "--top-k", "2") == 0
+    moe_hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe_hf(tokens).logits, dense_hf(tokens).logits, rtol=1e-5, atol=1e-5)

@@ -43,9 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:  # our errors say what and where
+    except ValueError as e:  # our errors say what and where
         print(f"smoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. --out below a file, a full disk: the path and the reason, no traceback
+        print(f"smoe {args.command}: error: {_os_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_message(e: OSError) -> str:
+    """``path: reason`` for errors raised by the OS (their str is "[Errno 20] Not a directory: 'x'");
+    our own FileNotFoundError messages, which carry no errno, as they are."""
+    if e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ def _size(n: int) -> str:
 def _init(args: argparse.Namespace) -> int:
     cfg = ModelConfig.preset(args.preset)
     dtype = parse_dtype(args.dtype)
-    need = cfg.num_params() * torch.empty((), dtype=dtype).element_size()
+    # build_model initialises in float32 and casts afterwards (one tensor at a time), so the
+    # peak is the float32 model whatever --dtype says: bfloat16 needs as much as float32 here.
+    bytes_per_param = max(torch.empty((), dtype=dtype).element_size(), 4)
+    need = cfg.num_params() * bytes_per_param
     have = _available_bytes()
     if have is not None and need > have:  # else the allocation fails deep in torch, or the OOM killer ends us
         raise ValueError(

@@ -21,6 +21,15 @@ def device(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: there are {torch.cuda.device_count()} CUDA devices")
     if d.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: MPS is not available here")
+    if d.type not in ("cpu", "cuda", "mps"):
+        # "meta" holds no data and "xpu"/"hpu"/... need a backend this build may lack: torch
+        # accepts the name, then fails at the first allocation with an AssertionError or a
+        # ModuleNotFoundError. Accept another type only when its backend says it is usable.
+        backend = getattr(torch, d.type, None)
+        if not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: no usable {d.type} device here (use cpu, or cuda/mps where available)"
+            )
     return value
 
 

@@ -20,7 +20,13 @@ from smoe.model.transformer import Transformer
 def upcycle(
     dense: Transformer, num_experts: int, top_k: int, seed: int = 0, router_std: float = 0.02
 ) -> Transformer:
-    """Return a new SMoE Transformer; ``dense`` is left unchanged."""
+    """Return a new SMoE Transformer in ``dense``'s dtype and device; ``dense`` is left unchanged.
+
+    Every expert's w1/w2/w3 is a copy of the dense FFN's; every other weight is the dense one.
+    Each layer's router weight (E, D) is drawn from N(0, router_std^2) with a CPU generator
+    seeded by ``seed`` (layer by layer, in float32, then cast), so the same seed gives the same
+    router. Any router keeps the output equal to the dense model's (see above); a random one,
+    not zero, sends different tokens to different experts, so the copies diverge in training."""
     cfg = dense.config
     if cfg.is_moe:
         raise ValueError(
@@ -31,12 +37,11 @@ def upcycle(
             f"upcycle: experts must be an integer >= 2 (one expert is the dense model), got {num_experts!r}"
         )
     moe_cfg = cfg.replace(num_experts=num_experts, top_k=top_k)  # validates top_k <= num_experts
-    with torch.device("meta"):
-        model = Transformer(moe_cfg)
     dtype = dense.tok_embeddings.weight.dtype
     device = dense.tok_embeddings.weight.device
+    with torch.device("meta"):
+        model = Transformer(moe_cfg).to(dtype)  # free on meta: memory is allocated once, in dtype
     model.to_empty(device=device)
-    model.to(dtype)
     dense_state = dense.state_dict()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
