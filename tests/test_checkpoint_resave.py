@@ -120,3 +120,25 @@ def test_save_onto_a_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
         smoe.save_model(smoe.build_model(ModelConfig.preset("tiny").replace(n_layers=1), seed=0), target)
     assert target.read_text() == "not a checkpoint"
+
+
+@pytest.mark.parametrize("fmt,name", [("hf", "config.json"), ("consolidated", "params.json")])
+@pytest.mark.parametrize("content", ['{"model": {"dim": 32}, "train": {"steps": 10}}', "not json", "[]"])
+def test_a_config_file_that_is_not_a_model_config_is_not_overwritten(models, tmp_path, fmt, name, content):
+    """`smoe export --out RUN` into a training run would have replaced the run's config.json
+    (what --resume reads) with the model's; any config.json / params.json that is not a model
+    config of the layout stops the save, and the directory is left as it was."""
+    a, _ = models
+    (tmp_path / name).write_text(content)
+    before = _names(tmp_path)
+    with pytest.raises(CheckpointError, match="not a .* model config"):
+        smoe.save_model(a, tmp_path, fmt=fmt)
+    assert (tmp_path / name).read_text() == content and _names(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["hf", "consolidated"])
+def test_saving_over_a_checkpoint_of_the_same_layout_still_works(models, tmp_path, fmt):
+    a, b = models
+    smoe.save_model(a, tmp_path, fmt=fmt)
+    smoe.save_model(b, tmp_path, fmt=fmt)
+    assert _same(smoe.load_model(tmp_path), b)

@@ -10,6 +10,7 @@ directory that holds the other layout, whose files it has no business deleting.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from smoe.checkpoint.files import CheckpointError
@@ -49,6 +50,30 @@ def check_no_other_layout(directory: Path, fmt: str) -> None:
         raise CheckpointError(
             f"{directory}: cannot save a {fmt!r} checkpoint here, the directory already holds a "
             f"{other!r} checkpoint ({names}); save into an empty directory or remove those files"
+        )
+
+
+# A key every model config of the layout has: config.json of a transformers model names its
+# model_type, params.json gives the model's dim.
+CONFIG_KEY = {"hf": ("config.json", "model_type"), "consolidated": ("params.json", "dim")}
+
+
+def check_config_replaceable(directory: Path, fmt: str) -> None:
+    """Raise if ``directory`` holds a config file of the layout's name that is not a model config
+    of that layout: a save would overwrite it. Example: ``smoe export --out RUN`` into a training
+    run, whose config.json ({"model": ..., "train": ...}) is what ``--resume`` reads."""
+    name, key = CONFIG_KEY[fmt]
+    path = directory / name
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and key in config):
+        raise CheckpointError(
+            f"{path}: is not a {fmt!r} model config (no {key!r}) and a save would overwrite it; "
+            "save into an empty directory or another checkpoint's"
         )
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from smoe.checkpoint.files import CheckpointError, TensorSource, consolidated_weight_files, hf_weight_files
 from smoe.checkpoint.keymap import HEAD_KEYS, IGNORED_SUFFIXES, Recipe, consolidated_recipes, hf_recipes
-from smoe.checkpoint.layout import check_no_other_layout, remove_stale
+from smoe.checkpoint.layout import check_config_replaceable, check_no_other_layout, remove_stale
 from smoe.config import ConfigError, ModelConfig
 from smoe.model.transformer import Transformer
 
@@ -177,7 +177,8 @@ def save_model(
 
     Saving into a directory replaces the checkpoint of the same layout there completely (its
     weight files that this save does not write are removed); a directory holding the other
-    layout is refused with a ``CheckpointError`` and left as it was."""
+    layout, or a config file of the layout's name that is not a model config (a training run's
+    config.json), is refused with a ``CheckpointError`` and left as it was."""
     if fmt not in ("hf", "consolidated"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'consolidated'")
     cfg, directory = model.config, Path(path)
@@ -187,6 +188,7 @@ def save_model(
         )
     if directory.is_dir():
         check_no_other_layout(directory, fmt)
+        check_config_replaceable(directory, fmt)
     directory.mkdir(parents=True, exist_ok=True)
     recipes = hf_recipes(cfg) if fmt == "hf" else consolidated_recipes(cfg)
     state = model.state_dict()
