@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,19 @@ class TrainConfig:
         for name in ("seed", "warmup_steps", "eval_every", "ckpt_every"):
             _check_int(self, name, minimum=0)
         for name in ("lr", "eps"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"train config field {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
-            if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"train config field {name!r} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("min_lr_ratio", "beta1", "beta2"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+            if not _real(self, name) > 0:
                 raise ValueError(
-                    f"train config field {name!r} must be in [0, 1], got {getattr(self, name)!r}"
+                    f"train config field {name!r} must be a finite number > 0, got {getattr(self, name)!r}"
+                )
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
+            if not _real(self, name) >= 0:
+                raise ValueError(
+                    f"train config field {name!r} must be a finite number >= 0, got {getattr(self, name)!r}"
+                )
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0.0 <= _real(self, name) <= 1.0:
+                raise ValueError(
+                    f"train config field {name!r} must be a number in [0, 1], got {getattr(self, name)!r}"
                 )
         if self.dtype not in DTYPES:
             raise ValueError(f"train config field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
@@ -99,6 +104,16 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"train config field {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _real(cfg: TrainConfig, name: str) -> float:
+    """The float field ``name``, or NaN (which fails every range check) when it is not a finite
+    number: ``float("1e-3")`` would pass a JSON string that AdamW later rejects, and an
+    infinite lr or coefficient would only show up as a non-finite loss."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return float(value)
 
 
 def model_config_from_dict(d: dict[str, Any], source: str) -> ModelConfig:

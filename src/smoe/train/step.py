@@ -106,6 +106,11 @@ def train_step(
     """
     model.train()
     n = len(micro_batches)
+    share = token_shares(micro_batches)
+
+    def weigh(x: torch.Tensor, i: int) -> torch.Tensor:  # micro-batch i's part of the step's mean
+        return x / n if share is None else x * share[i]
+
     ce = balance = z = 0.0
     counts_LE = None
     for i, mb in enumerate(micro_batches):
@@ -113,8 +118,8 @@ def train_step(
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             parts = forward_loss(model, mb, cfg)
-            (parts.total / n).backward()
-        ce, balance, z = ce + parts.ce / n, balance + parts.balance / n, z + parts.z / n
+            weigh(parts.total, i).backward()
+        ce, balance, z = ce + weigh(parts.ce, i), balance + weigh(parts.balance, i), z + weigh(parts.z, i)
         if parts.tokens_per_expert_LE is not None:
             counts_LE = (
                 parts.tokens_per_expert_LE if counts_LE is None else counts_LE + parts.tokens_per_expert_LE
@@ -145,6 +150,28 @@ def train_step(
     return out
 
 
+def token_shares(micro_batches: list[Batch]) -> torch.Tensor | None:
+    """Each micro-batch's fraction of the step's real tokens, or None when none is padded.
+
+    The losses are means over a micro-batch's unmasked tokens, so with padding an equal 1/n
+    weight would count a token of a short micro-batch more than one of a full one: micro-batches
+    of 8 and 2 real tokens must weigh 0.8 and 0.2 to give the gradient of the 10-token batch.
+    A tensor on the batches' device, so that no host sync is needed. (Under DDP the gradients
+    are still averaged over ranks as equals.)
+    """
+    if all(mb.mask_BT is None for mb in micro_batches):
+        return None  # equal token counts: keep the plain 1/n (bitwise the unpadded path)
+    counts_N = torch.stack(
+        [
+            mb.mask_BT.sum().float()
+            if mb.mask_BT is not None
+            else torch.tensor(float(mb.inputs_BT.numel()), device=mb.inputs_BT.device)
+            for mb in micro_batches
+        ]
+    )
+    return counts_N / counts_N.sum()
+
+
 def imbalance(counts_LE: torch.Tensor) -> torch.Tensor:
     """Per MoE layer, the busiest expert's token count over the mean count (1 = balanced)."""
     return counts_LE.max(dim=1).values / counts_LE.mean(dim=1)
@@ -157,8 +184,9 @@ def eval_loss(model: nn.Module, batches: list[Batch], cfg: TrainConfig) -> float
     model.eval()
     total, count = 0.0, 0
     for b in batches:
+        targets_BT = b.targets_BT if b.mask_BT is None else b.targets_BT.masked_fill(b.mask_BT == 0, -100)
         with autocast(cfg, b.inputs_BT.device):
-            ce = model(b.inputs_BT, targets_BT=b.targets_BT)  # the mean over the batch's tokens
-        total, count = total + ce.item() * b.targets_BT.numel(), count + b.targets_BT.numel()
+            ce = model(b.inputs_BT, targets_BT=targets_BT)  # the mean over the batch's real tokens
+        total, count = total + ce.item() * b.num_tokens, count + b.num_tokens
     model.train(was_training)
     return total / count
