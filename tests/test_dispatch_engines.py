@@ -241,3 +241,49 @@ def test_cpu_chooses_grouped_mm_for_many_rows(monkeypatch):
     monkeypatch.setattr(sorted_mod, "_experts_grouped", lambda *a: calls.append(1) or grouped(*a))
     assert_matches_reference(ENGINES["sorted"], make_problem(12, 8, 16, 4, 2))
     assert calls, "12 tokens * 2 / 4 experts = 6 rows per expert >= 2: grouped_mm expected"
+
+
+def strided_weights(x, wts, w1, w2, w3):
+    """w1 as every 4th column of a wider tensor: each stride is a multiple of 16 bytes in
+    float32, but none is 1, a layout torch._grouped_mm rejects ("Invalid strides/sizes")."""
+    w1_wide = torch.stack([w1, torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w1)], dim=-1)
+    return x, wts, w1_wide.flatten(-2)[..., ::4], w2, w3
+
+
+def test_grouped_mm_declined_for_weights_without_a_unit_stride():
+    x, ids, wts, w1, w2, w3 = make_problem(8, 8, 16, 4, 2)
+    w1_strided = strided_weights(x, wts, w1, w2, w3)[2]
+    assert 1 not in w1_strided.stride()
+    assert not sorted_mod.can_grouped_mm(x, w1_strided, w2, w3)
+    assert_matches_reference(sorted_grouped, (x, ids, wts, w1, w2, w3), views=strided_weights)
+
+
+def test_grouped_mm_alignment_is_checked_on_cuda_too(monkeypatch):
+    """CUDA's grouped_mm has the same 16-byte stride rule: bfloat16 rows of D = 20 (40 bytes)
+    must fall back. A stand-in for a CUDA tensor, so that the rule is checked without a GPU."""
+    from types import SimpleNamespace
+
+    def fake_cuda(shape, strides):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=torch.Size(shape),
+                               stride=lambda: strides, data_ptr=lambda: 0, element_size=lambda: 2)  # fmt: skip
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    w1, w2 = fake_cuda((4, 32, 24), (768, 24, 1)), fake_cuda((4, 24, 32), (768, 32, 1))
+    assert sorted_mod.can_grouped_mm(fake_cuda((6, 24), (24, 1)), w1, w2, w1)
+    w1, w2 = fake_cuda((4, 32, 20), (640, 20, 1)), fake_cuda((4, 20, 32), (640, 32, 1))
+    assert not sorted_mod.can_grouped_mm(fake_cuda((6, 20), (20, 1)), w1, w2, w1)
+
+
+def test_grouped_mm_check_traces_under_compile():
+    """While compiling, operands are fake tensors with no address: the alignment check must not
+    read data_ptr there (it broke a fullgraph trace of the bf16 engine with a dynamo error)."""
+    from smoe.dispatch.sorted_engine import can_grouped_mm
+
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    w = torch.randn(4, 48, 32, dtype=torch.bfloat16)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def pick(x, w):
+        return x * 2 if can_grouped_mm(x, w) else x * 3
+
+    assert torch.equal(pick(x, w), x * 2 if can_grouped_mm(x, w) else x * 3)

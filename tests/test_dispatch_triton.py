@@ -110,3 +110,16 @@ def test_block_n_spreads_decode_over_the_sms():
     # Narrow outputs keep their own power of two; one SM (the interpreter) never narrows.
     assert block_n(2, 8, 16, 16, h200) == 16
     assert block_n(2, 8, 16, 4096, 1) == 128
+
+
+@in_this_process
+def test_triton_refuses_unsupported_operands():
+    """float64, weights in another dtype than x, or operands on another device than x would
+    otherwise compile badly on CUDA (or run silently under the interpreter): refused by name."""
+    x, ids, wts, w1, w2, w3 = on_device(make_problem(3, 16, 16, 2, 1))
+    with pytest.raises(ValueError, match="triton.*float64"):
+        ENGINES["triton"](x.double(), ids, wts, w1.double(), w2.double(), w3.double())
+    with pytest.raises(ValueError, match="w1 is torch.float32 but x is torch.bfloat16"):
+        ENGINES["triton"](x.bfloat16(), ids, wts, w1, w2.bfloat16(), w3.bfloat16())
+    with pytest.raises(ValueError, match="w2 is on meta"):
+        ENGINES["triton"](x, ids, wts, w1, w2.to("meta"), w3)

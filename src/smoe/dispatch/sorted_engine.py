@@ -12,7 +12,7 @@ three grouped products, w1 and w3 up and w2 down; each row then goes back to its
 the K rows are summed with the routing weights (permute.combine).
 
 ``torch._grouped_mm`` does the grouped products where this build has it for the device and
-dtype (CPU: float32/bfloat16/float16 with 16-byte aligned strides; CUDA: bfloat16 on sm80+),
+dtype (CPU: float32/bfloat16/float16; CUDA: bfloat16 on sm80+; on both with 16-byte aligned strides),
 but on CPU it wins only with many rows per expert; below that two other ways are the default
 there: batched products over experts padded to equal rows while routing is balanced
 (padded_experts.py), else a loop over the chosen experts (loop_experts.py). Both read the per-expert counts on the host once (free
@@ -33,9 +33,23 @@ CPU_GROUPED_MIN_ROWS = 512  # mean rows per expert from which CPU uses grouped_m
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """The CPU grouped_mm kernel needs every non-unit stride and the base address 16-byte aligned."""
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+    """The layout ``torch._grouped_mm`` takes (its stride check, on CPU and CUDA alike): a 16-byte
+    aligned base, one of the last two strides 1 and the other at least the size of the unit-stride
+    dim and a multiple of 16 bytes, and a 16-byte batch stride. Example, float32 (E, F, D) =
+    (4, 8, 16) sliced as big[..., ::4] has strides (512, 64, 4): every stride is 16 bytes, but
+    with no unit stride grouped_mm raises "Invalid strides/sizes"."""
+    *batch, row, col = t.stride()
+    rows, cols = t.shape[-2:]
+    if col == 1 and row >= max(1, cols):
+        lead = row  # row-major matrices
+    elif row == 1 and col >= max(1, rows):
+        lead = col  # column-major (a transposed view)
+    else:
+        return False
+    # While compiling the operands are fake tensors without an address (data_ptr raises there);
+    # the strides are checked all the same, and the engine's own tensors are allocator-aligned.
+    base_ok = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return base_ok and all((s * t.element_size()) % 16 == 0 for s in (lead, *batch))
 
 
 def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
@@ -49,7 +63,11 @@ def can_grouped_mm(x_AD: torch.Tensor, *w_EXY: torch.Tensor) -> bool:
             return False
         return x_AD.dtype in _GROUPED_MM_CPU_DTYPES and all(_aligned(t) for t in (x_AD, *w_EXY))
     if x_AD.device.type == "cuda":
-        return x_AD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_AD.device) >= (8, 0)
+        return (
+            x_AD.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x_AD.device) >= (8, 0)
+            and all(_aligned(t) for t in (x_AD, *w_EXY))
+        )
     return False
 
 

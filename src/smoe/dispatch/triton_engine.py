@@ -192,6 +192,30 @@ class TritonExperts(torch.autograd.Function):
         return dx, dw1, dw2, dw3, None
 
 
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_operands(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD) -> None:
+    """Refuse what the kernels would misread: they take one floating dtype for x and all three
+    weights (tl.dot of mixed operands fails to compile, or under the interpreter silently runs),
+    and raw pointers, so every operand must be on x's device."""
+    if x_TD.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"dispatch engine 'triton' takes {', '.join(map(str, SUPPORTED_DTYPES))} (got x {x_TD.dtype}); "
+            "use 'sorted' for other dtypes"
+        )
+    named = dict(w1=w1_EFD, w2=w2_EDF, w3=w3_EFD)
+    for name, w in named.items():
+        if w.dtype != x_TD.dtype:
+            raise ValueError(
+                f"dispatch engine 'triton': {name} is {w.dtype} but x is {x_TD.dtype}; cast them alike"
+            )
+    named.update(expert_ids=expert_ids_TK, weights=weights_TK)
+    for name, t in named.items():
+        if t.device != x_TD.device:
+            raise ValueError(f"dispatch engine 'triton': {name} is on {t.device} but x is on {x_TD.device}")
+
+
 def triton_dispatch(
     x_TD: torch.Tensor,
     expert_ids_TK: torch.Tensor,
@@ -200,6 +224,7 @@ def triton_dispatch(
     w2_EDF: torch.Tensor,
     w3_EFD: torch.Tensor,
 ) -> torch.Tensor:
+    _check_operands(x_TD, expert_ids_TK, weights_TK, w1_EFD, w2_EDF, w3_EFD)
     T, K = expert_ids_TK.shape
     D = x_TD.shape[1]
     if T == 0:
