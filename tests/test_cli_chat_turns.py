@@ -47,6 +47,8 @@ def test_ctrl_c_drops_the_turn_and_the_next_turn_works(tiny_dir, monkeypatch, ca
     assert main(["chat", "--model", str(tiny_dir), *ARGS, "--ignore-eos"]) == 0
     captured = capsys.readouterr()
     assert "reply interrupted; turn dropped" in captured.err and "Traceback" not in captured.err
+    # The partial reply's line is ended on stdout, so the next "> " prompt starts a line.
+    assert captured.out.split("> ")[1].endswith("\n")
     tok = smoe.load_tokenizer(tiny_dir)
     # The empty line sent nothing; the interrupted turn is gone from the conversation.
     assert prompts == [tok.encode_chat([{"role": "user", "content": m}]) for m in ("Hi!", "And then?")]

@@ -270,6 +270,8 @@ def test_mesh_rejections_name_the_numbers():
         sd.ParallelConfig(ep=4).resolve(world_size=6, num_experts=8)
     with pytest.raises(sd.MeshError, match=r"ep=2 does not divide the world size 1"):
         sd.parallelize(make_model(biased=False), sd.ParallelConfig(ep=2))  # one process, no group
+    with pytest.raises(sd.MeshError, match=r"ep=2 needs a mixture-of-experts model, but num_experts=1"):
+        sd.ParallelConfig(ep=2).resolve(world_size=2, num_experts=1)  # dense: said as such
     assert sd.ParallelConfig(ep=2).resolve(world_size=8, num_experts=8).dp == 4
 
 

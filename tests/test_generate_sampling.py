@@ -60,6 +60,9 @@ def test_rows_draw_independently():
     "bad,match",
     [
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),  # uniform sampling, never meant
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=True), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),

@@ -10,6 +10,7 @@ seeded batch row reproduces a solo run with that row's seed exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
-            raise ValueError(f"sampling: temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
+            # inf would sample uniformly over the vocabulary, never what a user means
+            raise ValueError(f"sampling: temperature must be finite and >= 0 (0 = greedy), got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"sampling: top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:

@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (Mixtral-Instruct format)")
     _common(p)
-    p.add_argument("--system", default=None, help="system prompt, prepended to the first user turn")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt, joined to a user turn as the tokenizer's chat format does (v1: the first, v3: the last)",
+    )
     p.set_defaults(func=_chat)
 
 
@@ -131,7 +135,9 @@ def _chat(args: argparse.Namespace) -> int:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            print("\n[reply interrupted; turn dropped]", file=sys.stderr)
+            sys.stdout.write("\n")  # end the partial reply's line, so the next prompt starts afresh
+            sys.stdout.flush()
+            print("[reply interrupted; turn dropped]", file=sys.stderr)
             messages.pop()
             continue
         except ValueError as e:

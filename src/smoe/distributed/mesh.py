@@ -84,13 +84,13 @@ class ParallelConfig:
             raise MeshError(
                 f"dp={dp} x ep={self.ep} = {dp * self.ep} ranks, but the world size is {world_size}"
             )
+        if self.ep > 1 and num_experts == 1:  # before the divisibility check, which says less
+            raise MeshError(f"ep={self.ep} needs a mixture-of-experts model, but num_experts=1 (dense)")
         if num_experts % self.ep:
             raise MeshError(
                 f"ep={self.ep} does not divide num_experts={num_experts}: every ep rank must hold the "
                 f"same number of experts (choose ep from the divisors of {num_experts})"
             )
-        if self.ep > 1 and num_experts == 1:
-            raise MeshError(f"ep={self.ep} needs a mixture-of-experts model, but num_experts=1 (dense)")
         return ParallelConfig(dp, self.ep, self.data_parallel, self.param_dtype, self.timeout_s)
 
 
