@@ -40,8 +40,8 @@ class KVCache:
     """Static key/value buffers for ``batch_size`` rows of at most ``max_len`` positions.
 
     The caller must keep every position below ``max_len`` (``smoe.generate`` checks this on the
-    host before it starts; on the CPU ``mask`` raises); a full (non-rolling) buffer would otherwise
-    wrap and overwrite.
+    host before it starts; on the CPU the model's forward raises); a full (non-rolling) buffer would
+    otherwise wrap and overwrite.
     """
 
     def __init__(
@@ -96,18 +96,6 @@ class KVCache:
         B, T = pos_BT.shape
         if B != self.batch_size:
             raise ValueError(f"KVCache: batch of {B} rows, but the cache was built for {self.batch_size}")
-        if (
-            pos_BT.device.type == "cpu"
-            and pos_BT.numel()
-            and not torch.compiler.is_compiling()
-            and int(pos_BT.max()) >= self.max_len
-        ):
-            # Checked where reading the positions is free (CPU, not while compiling); on an
-            # accelerator it would be a host sync, and smoe.generate checks there on the host. Past max_len a full buffer
-            # wraps and silently overwrites the oldest keys that later queries still need.
-            raise ValueError(
-                f"KVCache: position {int(pos_BT.max())} is past the cache's max_len of {self.max_len}"
-            )
         S = self.n_slots
         self._concat = self.rolling and T > 1
         self._skip = max(0, T - S) if self._concat else 0

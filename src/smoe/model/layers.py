@@ -71,6 +71,8 @@ def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, sliding_window: 
 class KVCache(Protocol):
     """What attention needs from a key/value cache (implemented in ``smoe.cache``)."""
 
+    max_len: int  # positions 0 .. max_len - 1 fit
+
     def update(
         self, layer: int, pos_BT: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

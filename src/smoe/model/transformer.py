@@ -83,6 +83,9 @@ class Transformer(nn.Module):
         last = int(pos_BT.max()) if host_pos else T - 1
         if last >= cfg.max_seq_len:
             raise ValueError(f"position {last} is past the model's max_seq_len of {cfg.max_seq_len}")
+        if cache is not None and host_pos and last >= cache.max_len:
+            # Past max_len a full buffer wraps and silently overwrites keys later queries need.
+            raise ValueError(f"KVCache: position {last} is past the cache's max_len of {cache.max_len}")
         x_BTD = self.tok_embeddings(tokens_BT)
         if cache is not None and not cache.matches(x_BTD):
             raise ValueError(
