@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from smoe import cpu_kernels
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One intra-op thread: on the shared 2-core VM, two OpenMP threads contending with other
@@ -41,6 +43,17 @@ def hf_mixtral(tmp_path, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(tmp_path)
     return tmp_path, model
+
+
+@pytest.fixture(params=["numba", "torch"])
+def decode_engine(request, monkeypatch):
+    """The fast step on numba's kernels (smoe.cpu_kernels) or, as without numba, on torch's
+    products."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    elif not cpu_kernels.available():
+        pytest.skip("numba is not installed")
+    return request.param
 
 
 @pytest.fixture

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import numba
+except ImportError:
+    numba = None
+
 import smoe
+from smoe import cpu_kernels
 from smoe.cache import KVCache
 from smoe.config import ModelConfig
 from smoe.decode_layout import apply_decode_layout
@@ -48,6 +54,7 @@ def _decode_both(model, lens: list[int], seed: int = 0):
         ref_cache, _ = _prefill(model, toks_BT, lens, max_len)
         fast_cache, _ = _prefill(model, toks_BT, lens, max_len)
         step = FastDecodeStep(model)
+        assert step.kernels == (cpu_kernels.available() and model.output.weight.dtype == torch.float32)
         ref, got = [], []
         for j in range(STEPS):
             tok_B1 = torch.stack([toks_BT[b, n + j] for b, n in enumerate(lens)])[:, None]
@@ -61,16 +68,18 @@ CASES = {
     "moe-full-buffer": dict(),
     "moe-window-wraps": dict(sliding_window=4),  # 4 < 9 + 12: the rolling buffer wraps
     "moe-mqa-top1": dict(num_key_value_heads=1, num_experts_per_tok=1),
+    "moe-top3": dict(num_experts_per_tok=3),
     "moe-no-gqa-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
     "dense-mistral-window": dict(num_local_experts=1, sliding_window=5),
 }
 
 
-@pytest.mark.parametrize("lens", [LENS, [7]], ids=["3-rows", "1-row"])
+@pytest.mark.parametrize("lens", [LENS, [7], [5, 9, 2, 7, 4, 8, 3, 6, 1]], ids=["3-rows", "1-row", "9-rows"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_step_equals_model(make_hf, case, lens):
+def test_fast_step_equals_model(make_hf, decode_engine, case, lens):
     """One row takes the residual-accumulating expert path, several rows the grouped one (and
-    the oneDNN head)."""
+    the oneDNN head; with the kernels from 5 rows), 9 rows take every remainder of the
+    kernels' four-row groups."""
     directory, ref_hf = make_hf(**CASES[case])
     model = smoe.load_model(directory)
     ref, got, toks_BT, ref_cache, fast_cache = _decode_both(model, lens)
@@ -89,7 +98,7 @@ def test_fast_step_equals_model(make_hf, case, lens):
             torch.testing.assert_close(got[b], ref_hf(seq_1T).logits[0, n : n + STEPS], atol=1e-4, rtol=0)
 
 
-def test_model_forward_continues_after_fast_steps(make_hf):
+def test_model_forward_continues_after_fast_steps(make_hf, decode_engine):
     """Fast steps then a multi-token chunk through the model (which reads the cache the fast
     steps wrote, rolling buffer included) equal the full forward."""
     directory, _ = make_hf(sliding_window=5)
@@ -129,7 +138,7 @@ def test_layout_keeps_values_and_checkpoints(make_hf, tmp_path):
     assert all(torch.equal(reloaded.state_dict()[k], before[k]) for k in before)
 
 
-def test_refresh_after_parameters_are_replaced(make_hf):
+def test_refresh_after_parameters_are_replaced(make_hf, decode_engine):
     """load_state_dict(assign=True) replaces the parameters: the step must not keep decoding
     with the old buffers."""
     directory, _ = make_hf()
@@ -147,13 +156,15 @@ def test_refresh_after_parameters_are_replaced(make_hf):
     assert Generator(expected).generate([[1, 5, 9]], cfg)[0].token_ids == got
 
 
-def test_in_place_weight_change_reaches_the_packed_head():
-    """The head's packed copy (2+ rows) follows in-place updates: loading other weights into a
-    model that a Generator already decoded with must decode with the new ones."""
+def test_in_place_weight_change_reaches_the_packed_head(decode_engine):
+    """The head's packed copy (2+ rows, 5+ with the kernels) follows in-place updates: loading
+    other weights into a model that a Generator already decoded with must decode with the new
+    ones."""
     cfg = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2,
                       vocab_size=97, max_seq_len=64, num_experts=4, top_k=2)  # fmt: skip
     a, b = smoe.build_model(cfg, seed=1), smoe.build_model(cfg, seed=2)
-    prompts, gcfg = [[1, 5, 6, 7], [1, 9]], GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    prompts = [[1, 5, 6, 7], [1, 9], [2], [3, 4], [1, 8, 8], [7]]
+    gcfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
     gen = Generator(a, cpu_layout=True)
     gen.generate(prompts, gcfg)
     a.load_state_dict(b.state_dict())  # in place, like an optimizer step
@@ -184,7 +195,7 @@ def test_training_after_the_decode_layout_equals_training_without_it():
         assert (q - p).abs().max() < 5e-5, name  # rounding: ~1e-6; the fused bug: ~0.1
 
 
-def test_generator_uses_fast_step_only_where_exact(make_hf):
+def test_generator_uses_fast_step_only_where_exact(make_hf, decode_engine):
     directory, _ = make_hf()
     assert isinstance(Generator(smoe.load_model(directory), cpu_layout=True)._decode_step, FastDecodeStep)
     assert not isinstance(Generator(smoe.load_model(directory))._decode_step, FastDecodeStep)
@@ -196,7 +207,8 @@ def test_generator_uses_fast_step_only_where_exact(make_hf):
         FastDecodeStep(capped)
     gen = Generator(capped, cpu_layout=True)  # falls back to the model's step, laid out
     assert not isinstance(gen._decode_step, FastDecodeStep)
-    assert not capped.output.weight.is_contiguous()
+    # laid out: (in, out) storage for torch's products, (out, in) kept for the kernels
+    assert capped.output.weight.is_contiguous() == (decode_engine == "numba")
 
 
 def test_fast_step_rejects_wrong_shapes(make_hf):
@@ -209,7 +221,7 @@ def test_fast_step_rejects_wrong_shapes(make_hf):
         step(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), cache)
 
 
-def test_fast_step_with_a_padding_query(make_hf):
+def test_fast_step_with_a_padding_query(make_hf, decode_engine):
     """A row at a negative position (padding) writes the junk slot and sees every key, as in
     the model, and stays finite; the other rows are unaffected. (The padding row itself is
     rotated as position 0 rather than -1: its outputs are never used.)"""
@@ -270,10 +282,11 @@ def test_cpu_decode_benchmark_runs(monkeypatch, capsys, dtype):
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lens", [LENS, [7]], ids=["3-rows", "1-row"])
-def test_fast_step_on_several_threads_equals_model(make_hf, monkeypatch, lens, threads):
+def test_fast_step_on_several_threads_equals_model(make_hf, monkeypatch, decode_engine, lens, threads):
     """With several threads the head and expert products are cut into one block per thread
     (smoe.dispatch.split_rows; here down to the smallest weights): hidden 48, dim 32 and vocab
-    96 divide by 2 and 3, so every product splits (the head from 2 rows up uses oneDNN)."""
+    96 divide by 2 and 3, so every product splits (the head from 2 rows up uses oneDNN). The
+    kernels follow torch's thread count."""
     monkeypatch.setattr(split_rows, "SPLIT_MIN_WEIGHT", 0)
     directory, _ = make_hf(vocab_size=96)
     model = smoe.load_model(directory)
@@ -281,6 +294,25 @@ def test_fast_step_on_several_threads_equals_model(make_hf, monkeypatch, lens, t
     torch.set_num_threads(threads)
     try:
         ref, got, *_ = _decode_both(model, lens)
+        if decode_engine == "numba":
+            assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_kernel_choice_is_explicit(make_hf):
+    """kernels=False decodes on torch's products with their (in, out) float32 layout even with
+    numba installed; kernels=True refuses 16-bit weights, or says numba is missing."""
+    directory, _ = make_hf()
+    model = smoe.load_model(directory)
+    step = FastDecodeStep(model, kernels=False)
+    assert not step.kernels and not model.output.weight.is_contiguous()
+    if cpu_kernels.available():
+        step = FastDecodeStep(model, kernels=True)
+        assert step.kernels and model.output.weight.is_contiguous()
+        with pytest.raises(ValueError, match="float32 only"):
+            FastDecodeStep(smoe.load_model(directory, dtype=torch.bfloat16), kernels=True)
+    else:
+        with pytest.raises(ValueError, match="needs numba"):
+            FastDecodeStep(model, kernels=True)

@@ -6,7 +6,7 @@ outputs, E experts (1 for a dense feed-forward), F expert hidden dim, V vocabula
 
 Two changes, both invisible to the model's own ``forward`` (its parameters become views):
 
-- **Transposed storage, float32 only.** With MKL on this team's AMD CPUs, one row times a
+- **Transposed storage, float32 on torch's products only.** With MKL on this team's AMD CPUs, one row times a
   (in, out) contiguous matrix is several times faster than ``F.linear`` with the usual (out, in)
   row-major weight when out > in (4.5x for the 256 x 32000 output head, 1.8x for an expert's
   256 x 1408 up projection; docs/benchmarks.md). So those matrices (q/k/v, the up projections,
@@ -16,7 +16,10 @@ Two changes, both invisible to the model's own ``forward`` (its parameters becom
   everywhere: on an AVX2 CPU the (in, out) layout made the head's 1-row product 4.9x slower and
   an expert's up projection 3.8x slower than the usual layout, and decoding the ``small`` preset
   4.6x slower than in float32 (docs/benchmarks.md). So 16-bit weights keep their (out, in)
-  storage, and the laid-out tensors below are transposed views of it.
+  storage, and the laid-out tensors below are transposed views of it. The numba kernels
+  (``smoe.cpu_kernels``, used for float32 when numba is installed) read each output's weights
+  as one contiguous row, so with them float32 keeps the (out, in) storage too; ``transpose``
+  chooses explicitly.
 - **Fusion.** wq, wk and wv become column blocks of one (D, Q) matrix, and each expert's w1 and
   w3 column blocks of one (D, 2F) matrix, so attention's input projection is one product and
   each chosen expert's up projection another. Example, D = 2, F = 1, one expert::
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from smoe import cpu_kernels
 from smoe.model.moe import MoE
 
 _ATTR = "_smoe_decode_weights"
@@ -67,6 +71,7 @@ class DecodeWeights:
     layers: list[DecodeLayer]
     norm_D: torch.Tensor
     head_DV: torch.Tensor
+    transposed: bool  # whether the (in, out) matrices are stored contiguous
     # (module, parameter name, the view it must be) for every re-stored parameter
     views: list[tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list, repr=False)
 
@@ -146,19 +151,21 @@ def _layer(block: nn.Module, views: list, restore: bool) -> DecodeLayer:
 
 
 @torch.no_grad()
-def apply_decode_layout(model: nn.Module) -> DecodeWeights:
+def apply_decode_layout(model: nn.Module, transpose: bool | None = None) -> DecodeWeights:
     """Lay ``model`` out for CPU decoding (in place, same values) and return the laid-out tensors.
 
     Idempotent: a model already laid out (and not re-created since) returns its existing
     ``DecodeWeights``.
     """
+    if transpose is None:  # see "Transposed storage" above
+        transpose = model.output.weight.dtype == torch.float32 and not cpu_kernels.available()
+    restore = transpose
     existing = getattr(model, _ATTR, None)
-    if existing is not None and existing.is_current():
+    if existing is not None and existing.is_current() and existing.transposed == restore:
         return existing
     views: list[tuple[nn.Module, str, torch.Tensor]] = []
-    restore = model.output.weight.dtype == torch.float32  # see "Transposed storage" above
     layers = [_layer(block, views, restore) for block in model.layers]
     head_DV = _transposed(views, model.output, "weight", restore)  # tied: the embedding is this too
-    weights = DecodeWeights(layers, _kept(views, model.norm), head_DV, views)
+    weights = DecodeWeights(layers, _kept(views, model.norm), head_DV, restore, views)
     object.__setattr__(model, _ATTR, weights)  # plain attribute, not a submodule or state
     return weights

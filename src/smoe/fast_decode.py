@@ -25,6 +25,12 @@ kernels account for most of those), and in 3.6-4.5 ms instead of ~10 (docs/bench
 - the logits come from one product with the (D, V) head (oneDNN with a packed copy of the
   head from 2 rows up, where MKL's few-row product was slower).
 
+With numba installed and float32 weights (what ``smoe generate`` has on CPU), each layer is
+instead two calls into ``smoe.cpu_kernels`` (attention with its cache writes; the feed-forward
+with routing), and the head of up to ``KERNEL_HEAD_MAX_ROWS`` rows a third: products that read
+each weight once at the memory's speed, and ~10 Python-level calls per step instead of ~150
+(docs/benchmarks.md). Without numba, or in 16-bit, the torch calls above run.
+
 It equals ``Transformer.forward`` on one token per row with the same ``KVCache`` (same cache
 protocol: slot = position mod S, negative positions write the junk slot and see every key), up
 to float rounding, except for padding rows' own (unused) outputs, which it rotates as position 0; ``tests/test_generate_fast_decode.py`` checks it against the model, with
@@ -39,9 +45,11 @@ from __future__ import annotations
 
 from itertools import groupby
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smoe import cpu_kernels
 from smoe.cache import KVCache
 from smoe.decode_layout import DecodeWeights, apply_decode_layout
 from smoe.dispatch import split_rows
@@ -52,6 +60,10 @@ from smoe.model.moe import MoE
 # memory, made on first use): 8 rows x 32000 x 256 took ~4.2 ms there against ~5-7 ms in MKL
 # (whole steps 10% faster, interleaved, same process); for one row MKL's product is faster.
 ONEDNN_HEAD_MIN_ROWS = 2
+# With the kernels, the head of up to this many rows is ``cpu_kernels.rows_times_wt``: 1-4 rows
+# at about the memory's speed, where from 5 rows oneDNN's packed product was faster (8 rows of
+# the ``small`` head: ~4 ms in the kernel against ~2.4 ms in oneDNN).
+KERNEL_HEAD_MAX_ROWS = 4
 
 
 def _onednn_linear_available() -> bool:
@@ -75,13 +87,16 @@ class FastDecodeStep:
     """``step(tokens_B1, pos_B1, cache) -> logits_BV``: one token per row, like
     ``model(tokens_B1, pos_B1, cache)[:, -1]``. Lays the model out (``apply_decode_layout``)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, kernels: bool | None = None):
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"FastDecodeStep: {reason}")
         cfg = model.config
         self.model = model
-        self.w: DecodeWeights = apply_decode_layout(model)
+        self._kernels_asked = kernels
+        self._lay_out()
+        self._arrays: tuple[DecodeWeights, list] | None = None
+        self._scratch: dict[int, tuple] = {}
         self.H, self.G, self.Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.top_k = cfg.top_k
         self.eps = cfg.norm_eps
@@ -89,13 +104,29 @@ class FastDecodeStep:
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._head_packed: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._views: tuple[KVCache, list] | None = None
+        self._kv_arrays: tuple[KVCache, list] | None = None
 
     def refresh(self) -> None:
         """Lay the model out again if something re-created its parameters since (``.to()``,
         ``load_state_dict(assign=True)``). Checking costs ~40 pointer comparisons, so callers
         do it once per generation, not per step (``Generator`` does)."""
         if not self.w.is_current():
-            self.w = apply_decode_layout(self.model)
+            self._lay_out()
+
+    def _lay_out(self) -> None:
+        """Choose the products for the model's dtype (the kernels: float32 with numba, unless
+        asked otherwise) and lay the weights out for them."""
+        dtype = self.model.output.weight.dtype
+        kernels = self._kernels_asked
+        if kernels is None:
+            kernels = cpu_kernels.available() and dtype == torch.float32
+        if kernels and not cpu_kernels.available():
+            raise ValueError("FastDecodeStep: kernels=True needs numba (pip install numba)")
+        if kernels and dtype != torch.float32:
+            raise ValueError(f"FastDecodeStep: the kernels are float32 only, the model is {dtype}")
+        self.kernels = kernels
+        # (in, out) storage for torch's float32 products, (out, in) for the kernels and 16 bits
+        self.w = apply_decode_layout(self.model, transpose=dtype == torch.float32 and not kernels)
 
     def _rope_tables(self, n_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos_PHd and the signed sin_PHd for positions 0..n_pos-1, from the model's own
@@ -151,6 +182,8 @@ class FastDecodeStep:
         at_B = pos_B.clamp(min=0)  # padding rows rotate by position 0; their outputs are unused
         cos_B1d, sin_B1d = cos_PHd[at_B].unsqueeze(1), sin_PHd[at_B].unsqueeze(1)
 
+        if self.kernels:
+            return self._kernel_layers(x_BD, slot_B, mask_B11S[:, 0, 0], cos_PHd[at_B], sin_PHd[at_B], cache)
         H, G, Hd = self.H, self.G, self.Hd
         cache_views = self._cache_views(cache)
         for i, lw in enumerate(self.w.layers):
@@ -173,8 +206,73 @@ class FastDecodeStep:
             x_BD = self._experts(x_BD, self._norm(x_BD, lw.ffn_norm_D), lw)
         return self._head(self._norm(x_BD, self.w.norm_D))
 
+    def _kernel_layers(self, x_BD, slot_B, mask_BS, cos_Bd, sin_Bd, cache: KVCache) -> torch.Tensor:
+        """The layers and the head through ``smoe.cpu_kernels``: two calls per layer."""
+        B = x_BD.shape[0]
+        x = x_BD.contiguous()
+        x_np, slot_np, mask_np = x.numpy(), slot_B.numpy(), mask_BS.contiguous().numpy()
+        cos_np, sin_np = cos_Bd.contiguous().numpy(), sin_Bd.contiguous().numpy()
+        attn_scratch, ff_scratch = self._scratch_for(B)
+        cpu_kernels.match_torch_threads()
+        kv = self._cache_arrays(cache)
+        for (attn, ff), (k_np, v_np) in zip(self._layer_arrays(), kv):
+            cpu_kernels.attention(
+                x_np, *attn, cos_np, sin_np, k_np, v_np, slot_np, mask_np, self.H, *attn_scratch
+            )
+            cpu_kernels.feed_forward(x_np, *ff, self.top_k, *ff_scratch)
+        h = torch.empty_like(x)
+        cpu_kernels.rms_norm(x_np, self.w.norm_D.numpy(), self.eps, h.numpy())
+        return self._head(h)
+
+    def _cache_arrays(self, cache: KVCache) -> list[tuple]:
+        """Each layer's key and value buffers as numpy arrays, made once per cache."""
+        if self._kv_arrays is None or self._kv_arrays[0] is not cache:
+            self._kv_arrays = (cache, [(k.numpy(), v.numpy()) for k, v in zip(cache.k_BGSd, cache.v_BGSd)])
+        return self._kv_arrays[1]
+
+    def _layer_arrays(self) -> list[tuple]:
+        """Each layer's weights as the numpy arrays ``cpu_kernels.feed_forward`` takes, made
+        once per layout (they share the tensors' memory)."""
+        if self._arrays is None or self._arrays[0] is not self.w:
+            empty = torch.empty(0, self.w.norm_D.shape[0])
+            arrays = [
+                (
+                    (lw.attention_norm_D.numpy(), self.eps, lw.wqkv_DQ.t().numpy(), lw.wo_QD.t().numpy()),
+                    (
+                        lw.ffn_norm_D.numpy(),
+                        self.eps,
+                        (empty if lw.gate_DE is None else lw.gate_DE.t()).numpy(),
+                        lw.w13_EDF2.transpose(1, 2).numpy(),
+                        lw.w2_EDF.numpy(),
+                    ),
+                )
+                for lw in self.w.layers
+            ]
+            self._arrays = (self.w, arrays)
+        return self._arrays[1]
+
+    def _scratch_for(self, B: int) -> tuple:
+        """Scratch arrays of ``cpu_kernels.feed_forward`` for B rows, kept per B."""
+        if B not in self._scratch:
+            lw = self.w.layers[0]
+            D, F_ = lw.w2_EDF.shape[1], lw.w2_EDF.shape[2]
+            A = B * (self.top_k if lw.gate_DE is not None else 1)
+            Q, HHd = lw.wqkv_DQ.shape[1], self.H * self.Hd
+            self._scratch[B] = tuple(
+                tuple(np.empty(shape, np.float32) for shape in shapes)
+                for shapes in [
+                    [(B, D), (B, Q), (B, HHd), (B, D)],
+                    [(B, D), (A, D), (A, 2 * F_), (A, F_), (A, D)],
+                ]
+            )
+        return self._scratch[B]
+
     def _head(self, x_BD: torch.Tensor) -> torch.Tensor:
         B = x_BD.shape[0]
+        if self.kernels and B <= KERNEL_HEAD_MAX_ROWS:
+            out_BV = x_BD.new_empty(B, self.w.head_DV.shape[1])
+            cpu_kernels.rows_times_wt(x_BD.contiguous().numpy(), self.w.head_DV.t().numpy(), out_BV.numpy())
+            return out_BV
         if B >= ONEDNN_HEAD_MIN_ROWS and x_BD.dtype == torch.float32 and _onednn_linear_available():
             head_DV = self.w.head_DV
             # The copy is stale once the head changes, in place too (``load_state_dict``, an

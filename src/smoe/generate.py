@@ -146,8 +146,8 @@ class Generator:
             self._decode_step = fast_decode.FastDecodeStep(model)
         elif on_cuda if graph_step is None else graph_step:
             self._decode_step = GraphedDecodeStep(self._forward, cuda_graph=on_cuda)
-        if cpu_layout:
-            apply_decode_layout(model)
+        if cpu_layout and not isinstance(self._decode_step, fast_decode.FastDecodeStep):
+            apply_decode_layout(model)  # the fast step laid it out for its own products
         self._cache: KVCache | None = None
 
     def _forward(self, tokens_BT: torch.Tensor, pos_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
