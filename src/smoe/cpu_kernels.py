@@ -46,8 +46,8 @@ def match_torch_threads() -> None:
         numba.set_num_threads(n)
 
 
-def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0, alpha):
-    """out[o0 + i, n] = alpha * dot(x[r0 + i], w[n]) for i < nr, four rows per pass over w[n]."""
+def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0):
+    """out[o0 + i, n] = dot(x[r0 + i], w[n]) for i < nr, four rows per pass over w[n]."""
     K = x_RK.shape[1]
     i = 0
     while i + 4 <= nr:
@@ -62,10 +62,10 @@ def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0, alpha):
             s1 += x_RK[r + 1, k] * wv
             s2 += x_RK[r + 2, k] * wv
             s3 += x_RK[r + 3, k] * wv
-        out_RN[o0 + i, n] = alpha * s0
-        out_RN[o0 + i + 1, n] = alpha * s1
-        out_RN[o0 + i + 2, n] = alpha * s2
-        out_RN[o0 + i + 3, n] = alpha * s3
+        out_RN[o0 + i, n] = s0
+        out_RN[o0 + i + 1, n] = s1
+        out_RN[o0 + i + 2, n] = s2
+        out_RN[o0 + i + 3, n] = s3
         i += 4
     rest = nr - i
     r = r0 + i
@@ -78,9 +78,9 @@ def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0, alpha):
             s0 += x_RK[r, k] * wv
             s1 += x_RK[r + 1, k] * wv
             s2 += x_RK[r + 2, k] * wv
-        out_RN[o0 + i, n] = alpha * s0
-        out_RN[o0 + i + 1, n] = alpha * s1
-        out_RN[o0 + i + 2, n] = alpha * s2
+        out_RN[o0 + i, n] = s0
+        out_RN[o0 + i + 1, n] = s1
+        out_RN[o0 + i + 2, n] = s2
     elif rest == 2:
         s0 = _F32(0.0)
         s1 = _F32(0.0)
@@ -88,13 +88,13 @@ def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0, alpha):
             wv = w_NK[n, k]
             s0 += x_RK[r, k] * wv
             s1 += x_RK[r + 1, k] * wv
-        out_RN[o0 + i, n] = alpha * s0
-        out_RN[o0 + i + 1, n] = alpha * s1
+        out_RN[o0 + i, n] = s0
+        out_RN[o0 + i + 1, n] = s1
     elif rest == 1:
         s0 = _F32(0.0)
         for k in range(K):
             s0 += x_RK[r, k] * w_NK[n, k]
-        out_RN[o0 + i, n] = alpha * s0
+        out_RN[o0 + i, n] = s0
 
 
 def _rms_norm_rows(x_BD, w_D, eps, out_BD):
@@ -113,95 +113,112 @@ def _rows_times_wt(x_RK, w_NK, out_RN):
     """out = x @ w.T for a few rows; the outputs are spread over the threads."""
     R = x_RK.shape[0]
     for n in prange(w_NK.shape[0]):
-        _dot_rows(x_RK, 0, R, w_NK, n, out_RN, 0, _F32(1.0))
+        _dot_rows(x_RK, 0, R, w_NK, n, out_RN, 0)
+
+
+def _route(h_BD, gate_ED, top_k, expert_A, weight_A):
+    """Each row's top-k experts by router logit (the lower index on ties) and their softmax
+    weights over the chosen k, as the model routes; a dense layer (``gate_ED`` with 0 rows)
+    sends every row to expert 0 with weight 1. Fills expert_A and weight_A, A = B * k."""
+    B, D = h_BD.shape
+    E = gate_ED.shape[0]
+    if E == 0:
+        for b in range(B):
+            expert_A[b] = 0
+            weight_A[b] = 1.0
+        return
+    logits_E = np.empty(E, np.float32)
+    chosen_K = np.empty(top_k, np.int64)
+    for b in range(B):
+        for e in range(E):
+            s = _F32(0.0)
+            for d in range(D):
+                s += h_BD[b, d] * gate_ED[e, d]
+            logits_E[e] = s
+        for j in range(top_k):  # the largest logit not yet taken
+            best = -1
+            for e in range(E):
+                taken = False
+                for i in range(j):
+                    taken = taken or chosen_K[i] == e
+                if not taken and (best < 0 or logits_E[e] > logits_E[best]):
+                    best = e
+            chosen_K[j] = best
+        top = logits_E[chosen_K[0]]
+        total = 0.0
+        for j in range(top_k):
+            total += math.exp(float(logits_E[chosen_K[j]] - top))
+        for j in range(top_k):
+            expert_A[b * top_k + j] = chosen_K[j]
+            weight_A[b * top_k + j] = math.exp(float(logits_E[chosen_K[j]] - top)) / total
+
+
+def _group_by_expert(expert_A, weight_A, k, E):
+    """A counting sort of the assignments by expert, stable in token order. Returns the
+    grouped assignments' rows and weights, each expert's [start, end) in them, and the experts
+    with at least one row (their count first)."""
+    A = expert_A.shape[0]
+    end_E = np.zeros(E, np.int64)
+    for a in range(A):
+        end_E[expert_A[a]] += 1
+    for e in range(1, E):
+        end_E[e] += end_E[e - 1]
+    start_E = np.empty(E, np.int64)
+    for e in range(E):
+        start_E[e] = end_E[e - 1] if e > 0 else 0
+    fill_E = start_E.copy()
+    row_A = np.empty(A, np.int64)
+    wsorted_A = np.empty(A, np.float32)
+    for a in range(A):
+        e = expert_A[a]
+        row_A[fill_E[e]] = a // k
+        wsorted_A[fill_E[e]] = weight_A[a]
+        fill_E[e] += 1
+    used_E = np.empty(E, np.int64)
+    n_used = 0
+    for e in range(E):
+        if end_E[e] > start_E[e]:
+            used_E[n_used] = e
+            n_used += 1
+    return row_A, wsorted_A, start_E, end_E, used_E[:n_used]
 
 
 def _feed_forward(x_BD, norm_D, eps, gate_ED, w13_EXD, w2_EDF, top_k, h_BD, h_AD, u_AX, g_AF, o_AD):
     """x += the layer's mixture of experts on RMSNorm(x), in place.
 
-    ``gate_ED`` has 0 rows for a dense feed-forward (one expert, weight 1). ``w13_EXD`` is each
-    expert's w1 (rows [:F]) and w3 (rows [F:]) stacked, (E, 2F, D); ``w2_EDF`` is (E, D, F).
-    The rest is scratch: h_BD (B, D), h_AD (A, D), u_AX (A, 2F), g_AF (A, F), o_AD (A, D).
-    Routing as the model does it: top-k of the router's logits (ties to the lower expert),
-    softmax over the chosen k. Assignments are grouped by expert, tokens in order within one.
+    ``gate_ED`` is the router, with 0 rows for a dense feed-forward (one expert, weight 1).
+    ``w13_EXD`` is each expert's w1 (rows [:F]) and w3 (rows [F:]) stacked, (E, 2F, D);
+    ``w2_EDF`` is (E, D, F). The rest is scratch: h_BD (B, D), h_AD (A, D), u_AX (A, 2F),
+    g_AF (A, F), o_AD (A, D), with A = B * top_k (B for a dense layer).
     """
     B, D = x_BD.shape
     E, F = w2_EDF.shape[0], w2_EDF.shape[2]
     _rms_norm_rows(x_BD, norm_D, eps, h_BD)
-    K = top_k if gate_ED.shape[0] > 0 else 1
-    A = B * K
-    expert_A = np.empty(A, np.int64)
-    weight_A = np.empty(A, np.float32)
-    if gate_ED.shape[0] == 0:
-        for b in range(B):
-            expert_A[b] = 0
-            weight_A[b] = 1.0
-    else:
-        logits_E = np.empty(E, np.float32)
-        chosen = np.empty(K, np.int64)
-        for b in range(B):
-            for e in range(E):
-                s = _F32(0.0)
-                for d in range(D):
-                    s += h_BD[b, d] * gate_ED[e, d]
-                logits_E[e] = s
-            for j in range(K):  # selection: the largest not yet taken, lowest index on ties
-                best = -1
-                for e in range(E):
-                    taken = False
-                    for i in range(j):
-                        if chosen[i] == e:
-                            taken = True
-                    if not taken and (best < 0 or logits_E[e] > logits_E[best]):
-                        best = e
-                chosen[j] = best
-            top = logits_E[chosen[0]]
-            total = 0.0
-            for j in range(K):
-                total += math.exp(float(logits_E[chosen[j]] - top))
-            for j in range(K):
-                expert_A[b * K + j] = chosen[j]
-                weight_A[b * K + j] = math.exp(float(logits_E[chosen[j]] - top)) / total
-    # Group the assignments by expert (a counting sort, stable in token order).
-    count_E = np.zeros(E + 1, np.int64)
-    for a in range(A):
-        count_E[expert_A[a] + 1] += 1
-    for e in range(E):
-        count_E[e + 1] += count_E[e]
-    start_E = count_E[:E].copy()
-    row_A = np.empty(A, np.int64)
-    wsorted_A = np.empty(A, np.float32)
-    fill_E = count_E[:E].copy()
-    for a in range(A):
-        e = expert_A[a]
-        row_A[fill_E[e]] = a // K
-        wsorted_A[fill_E[e]] = weight_A[a]
-        fill_E[e] += 1
-    used = np.empty(E, np.int64)
-    n_used = 0
-    for e in range(E):
-        if count_E[e + 1] > start_E[e]:
-            used[n_used] = e
-            n_used += 1
+    k = top_k if gate_ED.shape[0] > 0 else 1
+    expert_A = np.empty(B * k, np.int64)
+    weight_A = np.empty(B * k, np.float32)
+    _route(h_BD, gate_ED, k, expert_A, weight_A)
+    row_A, wsorted_A, start_E, end_E, used_U = _group_by_expert(expert_A, weight_A, k, E)
+    A, U = row_A.shape[0], used_U.shape[0]
     for a in range(A):
         for d in range(D):
             h_AD[a, d] = h_BD[row_A[a], d]
     # Up projections and SwiGLU: one (expert, hidden unit) pair per parallel iteration.
-    for j in prange(n_used * F):
-        e = used[j // F]
+    for j in prange(U * F):
+        e = used_U[j // F]
         f = j % F
-        s, t = start_E[e], count_E[e + 1]
-        _dot_rows(h_AD, s, t - s, w13_EXD[e], f, u_AX, s, _F32(1.0))  # w1 rows
-        _dot_rows(h_AD, s, t - s, w13_EXD[e], F + f, u_AX, s, _F32(1.0))  # w3 rows
+        s, t = start_E[e], end_E[e]
+        _dot_rows(h_AD, s, t - s, w13_EXD[e], f, u_AX, s)  # w1 rows
+        _dot_rows(h_AD, s, t - s, w13_EXD[e], F + f, u_AX, s)  # w3 rows
         for a in range(s, t):
             u = u_AX[a, f]
             g_AF[a, f] = u / (_F32(1.0) + math.exp(-u)) * u_AX[a, F + f]
     # Down projections; each assignment's output is then scaled by its routing weight.
-    for j in prange(n_used * D):
-        e = used[j // D]
+    for j in prange(U * D):
+        e = used_U[j // D]
         d = j % D
-        s, t = start_E[e], count_E[e + 1]
-        _dot_rows(g_AF, s, t - s, w2_EDF[e], d, o_AD, s, _F32(1.0))
+        s, t = start_E[e], end_E[e]
+        _dot_rows(g_AF, s, t - s, w2_EDF[e], d, o_AD, s)
     for a in range(A):
         b = row_A[a]
         for d in range(D):
@@ -238,7 +255,7 @@ def _attention(
     half = Hd // 2
     _rms_norm_rows(x_BD, norm_D, eps, h_BD)
     for j in prange(wqkv_QD.shape[0]):
-        _dot_rows(h_BD, 0, B, wqkv_QD, j, qkv_BQ, 0, _F32(1.0))
+        _dot_rows(h_BD, 0, B, wqkv_QD, j, qkv_BQ, 0)
     for b in range(B):  # rotate q and k, write k and v to the cache
         for head in range(H + G):
             o = head * Hd
@@ -275,7 +292,7 @@ def _attention(
             for i in range(Hd):
                 o_BQ[b, h * Hd + i] += p * v_BGSd[b, g, s, i]
     for d in prange(D):
-        _dot_rows(o_BQ, 0, B, wo_DQ, d, y_BD, 0, _F32(1.0))
+        _dot_rows(o_BQ, 0, B, wo_DQ, d, y_BD, 0)
     for b in range(B):
         for d in range(D):
             x_BD[b, d] += y_BD[b, d]
@@ -284,6 +301,8 @@ def _attention(
 if njit is not None:
     _dot_rows = njit(inline="always", fastmath=True, cache=True)(_dot_rows)
     _rms_norm_rows = njit(fastmath=True, cache=True)(_rms_norm_rows)
+    _route = njit(fastmath=True, cache=True)(_route)
+    _group_by_expert = njit(cache=True)(_group_by_expert)
     rms_norm = _rms_norm_rows
     rows_times_wt = njit(parallel=True, fastmath=True, cache=True)(_rows_times_wt)
     feed_forward = njit(parallel=True, fastmath=True, cache=True)(_feed_forward)
