@@ -3,7 +3,8 @@
 smoe is measured two ways: ``smoe (ENGINE)`` decodes with the model's own forward and the given
 dispatch engine (the readable reference path), and ``smoe fast`` with ``cpu_layout=True``: the
 CPU weight layout (``smoe.decode_layout``) and the lean decode step (``smoe.fast_decode``), what
-``smoe generate``/``chat`` use on CPU.
+``smoe generate``/``chat`` use on CPU (on ``smoe.cpu_kernels`` when numba is installed, which
+it is by default).
 
 The model is the ``small`` preset (about 36M parameters, 4 layers, 8 experts, top-2), built
 with a fixed seed, saved with ``smoe.save_model`` and loaded by both libraries. Both decode
