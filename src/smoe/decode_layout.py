@@ -154,18 +154,18 @@ def _layer(block: nn.Module, views: list, restore: bool) -> DecodeLayer:
 def apply_decode_layout(model: nn.Module, transpose: bool | None = None) -> DecodeWeights:
     """Lay ``model`` out for CPU decoding (in place, same values) and return the laid-out tensors.
 
-    Idempotent: a model already laid out (and not re-created since) returns its existing
-    ``DecodeWeights``.
+    ``transpose``: store the (in, out) matrices contiguous; by default for float32 weights when
+    the numba kernels are not available. Idempotent: a model already laid out that way (and not
+    re-created since) returns its existing ``DecodeWeights``.
     """
     if transpose is None:  # see "Transposed storage" above
         transpose = model.output.weight.dtype == torch.float32 and not cpu_kernels.available()
-    restore = transpose
     existing = getattr(model, _ATTR, None)
-    if existing is not None and existing.is_current() and existing.transposed == restore:
+    if existing is not None and existing.is_current() and existing.transposed == transpose:
         return existing
     views: list[tuple[nn.Module, str, torch.Tensor]] = []
-    layers = [_layer(block, views, restore) for block in model.layers]
-    head_DV = _transposed(views, model.output, "weight", restore)  # tied: the embedding is this too
-    weights = DecodeWeights(layers, _kept(views, model.norm), head_DV, restore, views)
+    layers = [_layer(block, views, transpose) for block in model.layers]
+    head_DV = _transposed(views, model.output, "weight", transpose)  # tied: the embedding is this too
+    weights = DecodeWeights(layers, _kept(views, model.norm), head_DV, transpose, views)
     object.__setattr__(model, _ATTR, weights)  # plain attribute, not a submodule or state
     return weights

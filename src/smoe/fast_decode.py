@@ -232,8 +232,8 @@ class FastDecodeStep:
         return self._kv_arrays[1]
 
     def _layer_arrays(self) -> list[tuple]:
-        """Each layer's weights as the numpy arrays ``cpu_kernels.feed_forward`` takes, made
-        once per layout (they share the tensors' memory)."""
+        """Each layer's weights as the numpy arrays ``cpu_kernels.attention`` and
+        ``feed_forward`` take, made once per layout (they share the tensors' memory)."""
         if self._arrays is None or self._arrays[0] is not self.w:
             empty = torch.empty(0, self.w.norm_D.shape[0])
             arrays = [
@@ -253,7 +253,8 @@ class FastDecodeStep:
         return self._arrays[1]
 
     def _scratch_for(self, B: int) -> tuple:
-        """Scratch arrays of ``cpu_kernels.feed_forward`` for B rows, kept per B."""
+        """Scratch arrays of ``cpu_kernels.attention`` and ``feed_forward`` for B rows, kept
+        per B."""
         if B not in self._scratch:
             lw = self.w.layers[0]
             D, F_ = lw.w2_EDF.shape[1], lw.w2_EDF.shape[2]
