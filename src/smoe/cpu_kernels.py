@@ -47,8 +47,10 @@ def match_torch_threads() -> None:
 
 
 def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0):
-    """out[o0 + i, n] = dot(x[r0 + i], w[n]) for i < nr: four rows per pass over w[n], each
-    loaded weight vector used once per row."""
+    """out[o0 + i, n] = dot(x[r0 + i], w[n]) for i < nr, four rows per pass over w[n].
+
+    The three remainders each have a pass of their own: doing three rows as a pair and a single
+    row made the ``small`` preset's batch-8 step ~10% slower (interleaved A/B, 5 pairs)."""
     K = x_RK.shape[1]
     i = 0
     while i + 4 <= nr:
@@ -68,20 +70,31 @@ def _dot_rows(x_RK, r0, nr, w_NK, n, out_RN, o0):
         out_RN[o0 + i + 2, n] = s2
         out_RN[o0 + i + 3, n] = s3
         i += 4
-    if nr - i >= 2:  # the rest as a pair and a single row (w[n] is in L1 by then)
+    rest = nr - i
+    r = r0 + i
+    if rest == 3:
         s0 = _F32(0.0)
         s1 = _F32(0.0)
-        r = r0 + i
+        s2 = _F32(0.0)
+        for k in range(K):
+            wv = w_NK[n, k]
+            s0 += x_RK[r, k] * wv
+            s1 += x_RK[r + 1, k] * wv
+            s2 += x_RK[r + 2, k] * wv
+        out_RN[o0 + i, n] = s0
+        out_RN[o0 + i + 1, n] = s1
+        out_RN[o0 + i + 2, n] = s2
+    elif rest == 2:
+        s0 = _F32(0.0)
+        s1 = _F32(0.0)
         for k in range(K):
             wv = w_NK[n, k]
             s0 += x_RK[r, k] * wv
             s1 += x_RK[r + 1, k] * wv
         out_RN[o0 + i, n] = s0
         out_RN[o0 + i + 1, n] = s1
-        i += 2
-    if nr - i == 1:
+    elif rest == 1:
         s0 = _F32(0.0)
-        r = r0 + i
         for k in range(K):
             s0 += x_RK[r, k] * w_NK[n, k]
         out_RN[o0 + i, n] = s0
