@@ -316,3 +316,39 @@ def test_kernel_choice_is_explicit(make_hf):
     else:
         with pytest.raises(ValueError, match="needs numba"):
             FastDecodeStep(model, kernels=True)
+
+
+@pytest.mark.parametrize("n_experts", [2, 4, 8])
+def test_tied_router_logits_pick_the_models_experts(decode_engine, n_experts):
+    """A zeroed router ties every logit: the step must run the experts the model's torch.topk
+    takes (which differ with the expert count), not its own choice."""
+    cfg = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2,
+                      vocab_size=97, max_seq_len=64, num_experts=n_experts, top_k=2)  # fmt: skip
+    model = smoe.build_model(cfg, seed=1)
+    with torch.no_grad():
+        for block in model.layers:
+            block.feed_forward.gate.weight.zero_()
+    toks_B1, pos_B1 = torch.tensor([[5], [9], [11]]), torch.tensor([[0], [0], [0]])
+    with torch.inference_mode():
+        ref = model(toks_B1, pos_B1, KVCache.for_model(model, 3, 4))[:, -1]
+        for rows in (slice(0, 1), slice(0, 3)):
+            step = FastDecodeStep(model)
+            got = step(toks_B1[rows], pos_B1[rows], KVCache.for_model(model, rows.stop, 4))
+            torch.testing.assert_close(got, ref[rows], atol=2e-5, rtol=0)
+
+
+def test_fast_step_refuses_positions_past_the_cache_or_the_model(decode_engine):
+    """As the model's forward: a position past the cache's max_len (a full buffer would wrap
+    onto position 0) or the model's max_seq_len is a clear error, and nothing is written."""
+    cfg = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2,
+                      vocab_size=97, max_seq_len=64, num_experts=4, top_k=2)  # fmt: skip
+    model = smoe.build_model(cfg, seed=0)
+    tok_11, step = torch.tensor([[5]]), FastDecodeStep(model)
+    with torch.inference_mode():
+        step(tok_11, torch.tensor([[0]]), KVCache.for_model(model, 1, 16))  # a longer rope table first
+        cache = KVCache.for_model(model, 1, 8)
+        with pytest.raises(ValueError, match="position 8 is past the cache's max_len of 8"):
+            step(tok_11, torch.tensor([[8]]), cache)
+        assert (cache.pos_BS == -1).all()
+        with pytest.raises(ValueError, match="past the model's max_seq_len of 64"):
+            step(tok_11, torch.tensor([[64]]), KVCache.for_model(model, 1, 80))

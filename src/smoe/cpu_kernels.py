@@ -38,10 +38,25 @@ def available() -> bool:
     return njit is not None
 
 
+_pool_started = False
+
+
 def match_torch_threads() -> None:
     """Run the kernels on as many threads as torch's intra-op pool (``torch.set_num_threads``),
-    within numba's own pool (``NUMBA_NUM_THREADS``)."""
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    within numba's own pool (``NUMBA_NUM_THREADS``).
+
+    numba's OpenMP pool shares the OpenMP runtime with torch's CPU build, and starting it (on
+    the first ``numba.get_num_threads``) sets that runtime's thread count to numba's pool
+    size, so torch's count is put back once the pool runs; ``numba.set_num_threads`` later
+    leaves it alone."""
+    global _pool_started
+    n_torch = torch.get_num_threads()
+    if not _pool_started:
+        numba.get_num_threads()
+        _pool_started = True
+        if torch.get_num_threads() != n_torch:
+            torch.set_num_threads(n_torch)
+    n = min(n_torch, numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
@@ -119,41 +134,54 @@ def _rows_times_wt(x_RK, w_NK, out_RN):
         _dot_rows(x_RK, 0, R, w_NK, n, out_RN, 0)
 
 
-def _route(h_BD, gate_ED, top_k, expert_A, weight_A):
-    """Each row's top-k experts by router logit (the lower index on ties) and their softmax
-    weights over the chosen k, as the model routes; a dense layer (``gate_ED`` with 0 rows)
-    sends every row to expert 0 with weight 1. Fills expert_A and weight_A, A = B * k."""
+def _route(h_BD, gate_ED, top_k, expert_A, weight_A, logits_BE):
+    """Each row's top-k experts by router logit and their softmax weights over the chosen k,
+    as the model routes; a dense layer (``gate_ED`` with 0 rows) sends every row to expert 0
+    with weight 1. Fills expert_A and weight_A (A = B * k) and the logits_BE scratch.
+
+    Returns True, with expert_A and weight_A unfinished, if a row's k-th largest logit ties
+    with an expert left out: which of them ``torch.topk`` takes differs with the expert count
+    (all-equal logits, top 2: experts 0 and 1 of 2, 2 and 3 of 4, 6 and 5 of 8), so the caller
+    routes those layers with ``torch.topk`` itself."""
     B, D = h_BD.shape
     E = gate_ED.shape[0]
     if E == 0:
         for b in range(B):
             expert_A[b] = 0
             weight_A[b] = 1.0
-        return
-    logits_E = np.empty(E, np.float32)
-    chosen_K = np.empty(top_k, np.int64)
-    for b in range(B):
+        return False
+    for b in range(B):  # every row's logits first: a tie hands them all to the caller
         for e in range(E):
             s = _F32(0.0)
             for d in range(D):
                 s += h_BD[b, d] * gate_ED[e, d]
-            logits_E[e] = s
+            logits_BE[b, e] = s
+    chosen_K = np.empty(top_k, np.int64)
+    for b in range(B):
         for j in range(top_k):  # the largest logit not yet taken
             best = -1
             for e in range(E):
                 taken = False
                 for i in range(j):
                     taken = taken or chosen_K[i] == e
-                if not taken and (best < 0 or logits_E[e] > logits_E[best]):
+                if not taken and (best < 0 or logits_BE[b, e] > logits_BE[b, best]):
                     best = e
             chosen_K[j] = best
-        top = logits_E[chosen_K[0]]
+        last = logits_BE[b, chosen_K[top_k - 1]]
+        for e in range(E):
+            taken = False
+            for i in range(top_k):
+                taken = taken or chosen_K[i] == e
+            if not taken and logits_BE[b, e] == last:
+                return True
+        top = logits_BE[b, chosen_K[0]]
         total = 0.0
         for j in range(top_k):
-            total += math.exp(float(logits_E[chosen_K[j]] - top))
+            total += math.exp(float(logits_BE[b, chosen_K[j]] - top))
         for j in range(top_k):
             expert_A[b * top_k + j] = chosen_K[j]
-            weight_A[b * top_k + j] = math.exp(float(logits_E[chosen_K[j]] - top)) / total
+            weight_A[b * top_k + j] = math.exp(float(logits_BE[b, chosen_K[j]] - top)) / total
+    return False
 
 
 def _group_by_expert(expert_A, weight_A, k, E):
@@ -186,22 +214,43 @@ def _group_by_expert(expert_A, weight_A, k, E):
     return row_A, wsorted_A, start_E, end_E, used_E[:n_used]
 
 
-def _feed_forward(x_BD, norm_D, eps, gate_ED, w13_EXD, w2_EDF, top_k, h_BD, h_AD, u_AX, g_AF, o_AD):
-    """x += the layer's mixture of experts on RMSNorm(x), in place.
+def _feed_forward(
+    x_BD,
+    norm_D,
+    eps,
+    gate_ED,
+    w13_EXD,
+    w2_EDF,
+    top_k,
+    routed,
+    expert_A,
+    weight_A,
+    logits_BE,
+    h_BD,
+    h_AD,
+    u_AX,
+    g_AF,
+    o_AD,
+):
+    """x += the layer's mixture of experts on RMSNorm(x), in place; returns False.
 
     ``gate_ED`` is the router, with 0 rows for a dense feed-forward (one expert, weight 1).
     ``w13_EXD`` is each expert's w1 (rows [:F]) and w3 (rows [F:]) stacked, (E, 2F, D);
-    ``w2_EDF`` is (E, D, F). The rest is scratch: h_BD (B, D), h_AD (A, D), u_AX (A, 2F),
-    g_AF (A, F), o_AD (A, D), with A = B * top_k (B for a dense layer).
+    ``w2_EDF`` is (E, D, F). With A = B * top_k (B for a dense layer), expert_A (int64) and
+    weight_A hold each assignment's expert and weight: written by the routing (``routed``
+    False), or given (``routed`` True, with h_BD = RMSNorm(x) from the call before). If the
+    routing meets a tie (``_route``) it returns True at once, x untouched, with h_BD and the
+    router's logits in logits_BE (B, E). The rest is scratch: h_AD (A, D), u_AX (A, 2F),
+    g_AF (A, F), o_AD (A, D).
     """
     B, D = x_BD.shape
     E, F = w2_EDF.shape[0], w2_EDF.shape[2]
-    _rms_norm_rows(x_BD, norm_D, eps, h_BD)
     k = top_k if gate_ED.shape[0] > 0 else 1
-    expert_A = np.empty(B * k, np.int64)
-    weight_A = np.empty(B * k, np.float32)
-    _route(h_BD, gate_ED, k, expert_A, weight_A)
-    row_A, wsorted_A, start_E, end_E, used_U = _group_by_expert(expert_A, weight_A, k, E)
+    if not routed:
+        _rms_norm_rows(x_BD, norm_D, eps, h_BD)
+        if _route(h_BD, gate_ED, k, expert_A[: B * k], weight_A[: B * k], logits_BE):
+            return True  # a tie: x untouched, h_BD and logits_BE filled for the caller
+    row_A, wsorted_A, start_E, end_E, used_U = _group_by_expert(expert_A[: B * k], weight_A[: B * k], k, E)
     A, U = row_A.shape[0], used_U.shape[0]
     for a in range(A):
         for d in range(D):
@@ -226,6 +275,7 @@ def _feed_forward(x_BD, norm_D, eps, gate_ED, w13_EXD, w2_EDF, top_k, h_BD, h_AD
         b = row_A[a]
         for d in range(D):
             x_BD[b, d] += wsorted_A[a] * o_AD[a, d]
+    return False
 
 
 def _attention(

@@ -162,22 +162,29 @@ class FastDecodeStep:
             raise ValueError(f"FastDecodeStep: one token per row, got {tuple(tokens_B1.shape)}")
         if B != cache.batch_size:
             raise ValueError(f"KVCache: batch of {B} rows, but the cache was built for {cache.batch_size}")
+        pos_B = pos_B1[:, 0]
+        pos_list = pos_B.tolist()  # a host read, free on CPU
+        last = max(pos_list)  # the model's forward checks the same, with the same words
+        if last >= self.model.config.max_seq_len:
+            raise ValueError(
+                f"position {last} is past the model's max_seq_len of {self.model.config.max_seq_len}"
+            )
+        if last >= cache.max_len:  # a full buffer would wrap onto keys later queries need
+            raise ValueError(f"KVCache: position {last} is past the cache's max_len of {cache.max_len}")
         embed_VD = self.model.tok_embeddings.weight
         x_BD = F.embedding(tokens_B1[:, 0], embed_VD)
         cos_PHd, sin_PHd = self._rope_tables(cache.max_len, x_BD.dtype)
 
         # Once per step for every layer: the slot each row writes, the mask, the rotation.
         S = cache.n_slots
-        pos_B = pos_B1[:, 0]
         slot_B = torch.where(pos_B >= 0, pos_B % S, S)
         rows_B = torch.arange(B, device=x_BD.device)
         cache.pos_BS.index_put_((rows_B, slot_B), pos_B)
         # Attend over the slots in use only: with every position >= 0, slot p holds position p
         # until the buffer is full, so slots past the largest position (and the junk slot) are
-        # empty. A host read, free on CPU; it keeps a cache sized for 256 new tokens from
-        # costing full-length attention from the first one.
-        pos_list = pos_B.tolist()
-        n = min(max(pos_list) + 1, S) if min(pos_list) >= 0 else S + 1
+        # empty. It keeps a cache sized for 256 new tokens from costing full-length attention
+        # from the first one.
+        n = min(last + 1, S) if min(pos_list) >= 0 else S + 1
         visible_B11S = causal_mask(pos_B1, cache.pos_BS[:, :n], self.window) | (pos_B1 < 0)[:, None, :, None]
         mask_B11S = torch.zeros(visible_B11S.shape, dtype=x_BD.dtype).masked_fill_(~visible_B11S, -torch.inf)
         at_B = pos_B.clamp(min=0)  # padding rows rotate by position 0; their outputs are unused
@@ -213,17 +220,27 @@ class FastDecodeStep:
         x = x_BD.contiguous()
         x_np, slot_np, mask_np = x.numpy(), slot_B.numpy(), mask_BS.contiguous().numpy()
         cos_np, sin_np = cos_Bd.contiguous().numpy(), sin_Bd.contiguous().numpy()
-        attn_scratch, ff_scratch = self._scratch_for(B)
+        attn_scratch, route, ff_scratch = self._scratch_for(B)
         cpu_kernels.match_torch_threads()
         kv = self._cache_arrays(cache)
         for (attn, ff), (k_np, v_np) in zip(self._layer_arrays(), kv):
             cpu_kernels.attention(
                 x_np, *attn, cos_np, sin_np, k_np, v_np, slot_np, mask_np, self.H, *attn_scratch
             )
-            cpu_kernels.feed_forward(x_np, *ff, self.top_k, *ff_scratch)
+            if cpu_kernels.feed_forward(x_np, *ff, self.top_k, False, *route, *ff_scratch):
+                self._route_tie(*route)  # as the model: torch.topk on the router's logits
+                cpu_kernels.feed_forward(x_np, *ff, self.top_k, True, *route, *ff_scratch)
         h = torch.empty_like(x)
         cpu_kernels.rms_norm(x_np, self.w.norm_D.numpy(), self.eps, h.numpy())
         return self._head(h)
+
+    def _route_tie(self, expert_A: np.ndarray, weight_A: np.ndarray, logits_BE: np.ndarray) -> None:
+        """Route with ``torch.topk`` and a softmax over the chosen logits, as the model does:
+        for a layer where the kernel found tied logits (which expert torch takes then is its
+        own affair)."""
+        top_BK, ids_BK = torch.topk(torch.from_numpy(logits_BE), self.top_k, dim=-1)
+        expert_A[: ids_BK.numel()] = ids_BK.reshape(-1).numpy()
+        weight_A[: ids_BK.numel()] = torch.softmax(top_BK, dim=-1).reshape(-1).numpy()
 
     def _cache_arrays(self, cache: KVCache) -> list[tuple]:
         """Each layer's key and value buffers as numpy arrays, made once per cache."""
@@ -260,13 +277,16 @@ class FastDecodeStep:
             D, F_ = lw.w2_EDF.shape[1], lw.w2_EDF.shape[2]
             A = B * (self.top_k if lw.gate_DE is not None else 1)
             Q, HHd = lw.wqkv_DQ.shape[1], self.H * self.Hd
-            self._scratch[B] = tuple(
+            E = 1 if lw.gate_DE is None else lw.gate_DE.shape[1]
+            attn, ff = (
                 tuple(np.empty(shape, np.float32) for shape in shapes)
                 for shapes in [
                     [(B, D), (B, Q), (B, HHd), (B, D)],
                     [(B, D), (A, D), (A, 2 * F_), (A, F_), (A, D)],
                 ]
             )
+            route = (np.empty(A, np.int64), np.empty(A, np.float32), np.empty((B, E), np.float32))
+            self._scratch[B] = (attn, route, ff)
         return self._scratch[B]
 
     def _head(self, x_BD: torch.Tensor) -> torch.Tensor:
