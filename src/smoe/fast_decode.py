@@ -29,7 +29,7 @@ With numba installed and float32 weights (what ``smoe generate`` has on CPU), ea
 instead two calls into ``smoe.cpu_kernels`` (attention with its cache writes; the feed-forward
 with routing), and the head of up to ``KERNEL_HEAD_MAX_ROWS`` rows a third: products that read
 each weight once at the memory's speed, and two calls per layer in place of ~37 torch calls
-(docs/benchmarks.md: the ``small`` preset's batch-1 step went from ~4.1 to ~2.8 ms, batch 8
+(docs/benchmarks.md, two threads: the ``small`` preset's batch-1 step went from ~4.1 to ~2.8 ms, batch 8
 from ~15 to ~8 ms). Without numba, or in 16-bit, the torch calls above run.
 
 It equals ``Transformer.forward`` on one token per row with the same ``KVCache`` (same cache
