@@ -9,7 +9,9 @@ document texts and ``Skip`` records on demand, so a capped build reads only what
 - **prose**: English technical prose from the installed Python: the language reference topics in
   ``pydoc_data/topics.py`` (read with ``ast.literal_eval``, not imported), package descriptions
   (``*.dist-info/METADATA``), ``.rst``/``.md``/``.txt`` files in site-packages, and per-module
-  docstrings extracted with ``ast`` (modules are never imported).
+  docstrings extracted with ``ast`` (modules are never imported). smoe's own package and its
+  METADATA (which carries the README, and so the demo's own output) are left out: otherwise
+  editing the README would change the corpus it describes.
 - **user** domains: ``NAME=GLOB`` over .txt/.md/.rst (one document per file) and .jsonl (one per
   line, "text" field); ``**`` does not follow symlinked directories (``globwalk``).
 """
@@ -39,6 +41,7 @@ DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # Directory names never searched for code or prose: tests (and their data), caches, installed packages.
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 PROSE_MIN_DOCSTRING_CHARS = 300
+OWN_DIST = re.compile(r"smoe-[^-]+\.dist-info$")  # this package's own, left out of prose
 PROSE_EXCLUDED_NAMES = re.compile(
     r"^(licen[cs]e|copying|notice|authors|contributors|record|entry_points|top_level|requirements|"
     r"dependency_links|sources|cmakelists|namespace_packages|installer|requested|wheel)",
@@ -175,11 +178,12 @@ def prose_source(seed: int) -> Source:
         if topics.is_file():
             kinds["topic"] = [f"topic:{topics}:{t}" for t in sorted(_pydoc_topics(str(topics)))]
         for site in sites:
+            own = str(site / "smoe") + os.sep
             for dist in sorted(site.glob("*.dist-info")):
-                if (dist / "METADATA").is_file():
+                if (dist / "METADATA").is_file() and not OWN_DIST.match(dist.name):
                     kinds["metadata"].append(f"metadata:{dist / 'METADATA'}")
             for path in _walk(site, lambda f: not PROSE_EXCLUDED_NAMES.match(f)):
-                if ".dist-info" in path:
+                if ".dist-info" in path or path.startswith(own):
                     continue
                 if path.endswith(".py"):
                     kinds["docstrings"].append(f"docstrings:{path}")
