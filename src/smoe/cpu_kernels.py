@@ -1,7 +1,9 @@
-"""Few-row float32 products and the decode step's feed-forward as numba kernels, for CPU decoding.
+"""Few-row float32 products and the decode step's attention and feed-forward as numba kernels,
+for CPU decoding.
 
 Legend: R rows (a handful), K inputs, N outputs, B batch rows, D model dim, E experts, F expert
-hidden dim, A = B * top_k assignments.
+hidden dim, X = 2F, A = B * top_k assignments, Q = (H + 2G) * Hd fused q/k/v outputs for H query
+and G key/value heads of Hd, S cache slots.
 
 Why: torch's CPU products with 1-8 rows (MKL on this team's AMD CPUs) read a weight at about
 10 GB/s, half of what two cores draw, and cost nearly rows x the one-row time. A dot product
@@ -9,7 +11,8 @@ per output over the usual (out, in) row-major weight, with up to four rows shari
 weight vector and the outputs spread over the threads, reads the weight once at the memory's
 speed: an expert's 256 -> 1408 up projection took 68-110 us for 1-4 rows against MKL's
 91-243 us (docs/benchmarks.md). The feed-forward kernel also does RMSNorm, routing, SwiGLU and
-the weighted sum, which are ~15 small tensor calls per layer in torch, in one call.
+the weighted sum, which are ~15 small tensor calls per layer in torch, in one call; the
+attention kernel does RMSNorm, q/k/v, rope, the cache write, attention and wo in another.
 
 Every kernel takes numpy views of contiguous float32 CPU tensors (``Tensor.numpy()`` shares
 the memory) and writes its result in place. Sums are reordered (``fastmath``), so results equal
