@@ -188,10 +188,11 @@ class FastDecodeStep:
         visible_B11S = causal_mask(pos_B1, cache.pos_BS[:, :n], self.window) | (pos_B1 < 0)[:, None, :, None]
         mask_B11S = torch.zeros(visible_B11S.shape, dtype=x_BD.dtype).masked_fill_(~visible_B11S, -torch.inf)
         at_B = pos_B.clamp(min=0)  # padding rows rotate by position 0; their outputs are unused
-        cos_B1d, sin_B1d = cos_PHd[at_B].unsqueeze(1), sin_PHd[at_B].unsqueeze(1)
+        cos_Bd, sin_Bd = cos_PHd[at_B], sin_PHd[at_B]
 
         if self.kernels:
-            return self._kernel_layers(x_BD, slot_B, mask_B11S[:, 0, 0], cos_PHd[at_B], sin_PHd[at_B], cache)
+            return self._kernel_layers(x_BD, slot_B, mask_B11S[:, 0, 0], cos_Bd, sin_Bd, cache)
+        cos_B1d, sin_B1d = cos_Bd.unsqueeze(1), sin_Bd.unsqueeze(1)
         H, G, Hd = self.H, self.G, self.Hd
         cache_views = self._cache_views(cache)
         for i, lw in enumerate(self.w.layers):
